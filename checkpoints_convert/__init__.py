@@ -1,0 +1,1 @@
+"""NVIDIA safetensors <-> Orbax checkpoint conversion (see the converter issue)."""

@@ -1,0 +1,186 @@
+"""Loading NVIDIA's HF checkpoint directories (safetensors only, no torch, no pickle).
+
+A directory holds ``config.json`` and either ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``; instruct checkpoints add the PEFT draft LoRA in
+``linear_spec_lora/``. The mapping to our layout comes from :mod:`nld_jax.params`, and the
+accounting is strict: a missing tensor, an unknown tensor or a wrong shape is an error that
+names the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nld_jax.checkpoint.safetensors_io import SafetensorsFile
+from nld_jax.config import NLDConfig
+from nld_jax.params import ParamSpec, lora_specs, param_specs, tree_from_flat
+
+__all__ = ["CheckpointError", "HFCheckpoint", "load_hf_params", "load_hf_lora", "expand_keys",
+           "PICKLE_SUFFIXES"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+INDEX_FILE = "model.safetensors.index.json"
+LORA_DIR = "linear_spec_lora"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not hold exactly the tensors the config implies."""
+
+
+class HFCheckpoint:
+    """The tensors of an HF checkpoint directory, possibly sharded, opened lazily."""
+
+    def __init__(self, directory: str | os.PathLike, single_file: str = "model.safetensors",
+                 index_file: str = INDEX_FILE):
+        self.directory = os.fspath(directory)
+        if not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
+        index_path = os.path.join(self.directory, index_file)
+        single_path = os.path.join(self.directory, single_file)
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif os.path.exists(single_path):
+            files = [single_file]
+            weight_map = None
+        else:
+            pickles = [n for n in os.listdir(self.directory) if n.endswith(PICKLE_SUFFIXES)]
+            if pickles:
+                raise CheckpointError(
+                    f"{self.directory} holds only pickle weights ({', '.join(sorted(pickles))}); nld_jax "
+                    "never unpickles (it can run arbitrary code). Convert them to safetensors first.")
+            raise CheckpointError(f"{self.directory} has neither {single_file} nor {index_file}")
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, str] = {}
+        for name in files:
+            path = os.path.join(self.directory, name)
+            if not os.path.exists(path):
+                raise CheckpointError(f"shard {name} listed in {index_file} is missing")
+            st = SafetensorsFile(path)
+            self._files[name] = st
+            for key in st.keys():
+                if key in self._where:
+                    raise CheckpointError(f"tensor {key!r} appears in both {self._where[key]} and {name}")
+                self._where[key] = name
+        if weight_map is not None:
+            for key, name in weight_map.items():
+                if self._where.get(key) != name:
+                    raise CheckpointError(f"index says {key!r} is in {name}, but it is not there")
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._files[self._where[key]].shape(key)
+
+    def dtype(self, key: str) -> np.dtype:
+        return self._files[self._where[key]].dtype(key)
+
+    def get(self, key: str) -> np.ndarray:
+        return self._files[self._where[key]].get(key)
+
+    def files(self) -> list[str]:
+        return [os.path.join(self.directory, n) for n in self._files]
+
+
+def expand_keys(spec: ParamSpec, num_layers: int) -> list[str]:
+    return [spec.hf_key.format(n=n) for n in range(num_layers)] if spec.stacked else [spec.hf_key]
+
+
+def _check_accounting(ckpt: HFCheckpoint, specs: dict[str, ParamSpec], num_layers: int,
+                      optional: Iterable[str] = ()) -> None:
+    expected = {}
+    for path, spec in specs.items():
+        for key in expand_keys(spec, num_layers):
+            expected[key] = spec.hf_shape
+    missing = [k for k in expected if k not in ckpt and k not in optional]
+    if missing:
+        raise CheckpointError(f"{ckpt.directory}: missing tensor(s) {missing[:5]}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    unknown = [k for k in ckpt.keys() if k not in expected]
+    if unknown:
+        raise CheckpointError(f"{ckpt.directory}: unexpected tensor(s) {unknown[:5]} (not part of the "
+                              "architecture in config.json)")
+    for key, shape in expected.items():
+        if key in ckpt and ckpt.shape(key) != tuple(shape):
+            raise CheckpointError(f"{ckpt.directory}: tensor {key!r} has shape {list(ckpt.shape(key))}, "
+                                  f"config.json implies {list(shape)}")
+
+
+def read_param(ckpt: HFCheckpoint, spec: ParamSpec, num_layers: int, dtype) -> np.ndarray:
+    """One parameter in our layout, as a host array of ``dtype``."""
+    keys = expand_keys(spec, num_layers)
+    if not spec.stacked:
+        return np.asarray(spec.to_ours(ckpt.get(keys[0])), dtype=dtype)
+    out = np.empty(spec.shape, dtype=dtype)
+    for n, key in enumerate(keys):
+        out[n] = spec.to_ours(ckpt.get(key))
+    return out
+
+
+def load_hf_params(directory: str | os.PathLike, config: NLDConfig, dtype=jnp.float32,
+                   place: Callable[[str, np.ndarray], Any] | None = None) -> dict:
+    """All base weights in our layout; ``place(path, host_array)`` puts each on device(s)."""
+    ckpt = HFCheckpoint(directory)
+    specs = param_specs(config)
+    _check_accounting(ckpt, specs, config.L)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    place = place or (lambda path, x: jnp.asarray(x))
+    flat = {path: place(path, read_param(ckpt, spec, config.L, np_dtype)) for path, spec in specs.items()}
+    return tree_from_flat(flat)
+
+
+def _lora_rank_alpha(adapter_config: dict, where: str) -> tuple[int, float]:
+    targets = adapter_config.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    if sorted(targets) != ["o_proj"]:
+        raise CheckpointError(f"{where}: LoRA target_modules {targets} unsupported (NLD's draft LoRA is o_proj only)")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if adapter_config.get(field):
+            raise CheckpointError(f"{where}: per-layer {field} is not supported")
+    for field in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if adapter_config.get(field):
+            raise CheckpointError(f"{where}: {field}=true is not supported")
+    if adapter_config.get("bias", "none") != "none":
+        raise CheckpointError(f"{where}: LoRA bias={adapter_config['bias']!r} is not supported")
+    if adapter_config.get("layers_to_transform") is not None:
+        raise CheckpointError(f"{where}: layers_to_transform is not supported")
+    return int(adapter_config["r"]), float(adapter_config["lora_alpha"])
+
+
+def load_hf_lora(directory: str | os.PathLike, config: NLDConfig,
+                 place: Callable[[str, np.ndarray], Any] | None = None) -> dict | None:
+    """The draft LoRA of ``directory/linear_spec_lora`` (or of ``directory`` itself), or None."""
+    directory = os.fspath(directory)
+    lora_dir = os.path.join(directory, LORA_DIR)
+    if not os.path.isdir(lora_dir):
+        if os.path.exists(os.path.join(directory, "adapter_config.json")):
+            lora_dir = directory
+        else:
+            return None
+    cfg_path = os.path.join(lora_dir, "adapter_config.json")
+    if not os.path.exists(cfg_path):
+        raise CheckpointError(f"{lora_dir} has no adapter_config.json")
+    with open(cfg_path) as f:
+        rank, alpha = _lora_rank_alpha(json.load(f), lora_dir)
+    ckpt = HFCheckpoint(lora_dir, single_file="adapter_model.safetensors",
+                        index_file="adapter_model.safetensors.index.json")
+    specs = lora_specs(config, rank)
+    _check_accounting(ckpt, specs, config.L)
+    place = place or (lambda path, x: jnp.asarray(x))
+    # The adapter runs in float32 whatever the model dtype (PEFT casts its input to the adapter dtype).
+    lora = {name: place("lora." + name, read_param(ckpt, spec, config.L, np.float32))
+            for name, spec in specs.items()}
+    lora["scale"] = jnp.asarray(alpha / rank, jnp.float32)
+    return lora

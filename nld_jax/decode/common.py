@@ -1,0 +1,134 @@
+"""What the three decode loops share: options, inputs and outputs, prefill, buffers.
+
+Static choices that change the traced program live in the frozen, hashable
+:class:`DecodeOptions` (a static jit argument). Everything that may change from call to call
+without recompiling is an array in :class:`DecodeInputs`: the prompts (padded to a bucket
+length), their true lengths, temperature, threshold and the PRNG key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from nld_jax.config import NLDConfig
+from nld_jax.decode.sampling import choose_tokens
+from nld_jax.kv_cache import KVCache
+from nld_jax.model import forward_hidden, lm_head, logits_at
+
+__all__ = ["MODES", "DecodeOptions", "DecodeInputs", "DecodeOutput", "prefill", "write_rows",
+           "first_index", "cache_size_for", "output_size_for", "next_key"]
+
+MODES = ("ar", "diffusion", "spec")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """Static decode settings (hashable: a static argument of the jitted generate functions).
+
+    ``use_threshold`` and ``sample`` select the algorithm; the threshold and temperature
+    *values* are traced inputs, so changing them does not recompile.
+    """
+
+    mode: str = "ar"
+    max_new_tokens: int = 128
+    block_length: int = 32
+    use_threshold: bool = False
+    sample: bool = False
+    use_lora: bool = False
+    attn_impl: str = "auto"
+    stream: bool = False  # send tokens to the host as they are produced (see decode/stream.py)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {MODES}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.block_length < 1:
+            raise ValueError(f"block_length must be >= 1, got {self.block_length}")
+        if self.mode == "spec" and self.block_length < 2:
+            raise ValueError("spec mode needs block_length >= 2 (a seed and at least one draft slot)")
+
+    @property
+    def block(self) -> int:
+        """Tokens per forward of the loop body (1 for AR)."""
+        return 1 if self.mode == "ar" else self.block_length
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeInputs:
+    tokens: jax.Array  # [B, Tp] int32, right-padded prompts
+    lengths: jax.Array  # [B] int32, true prompt lengths (>= 1)
+    temperature: jax.Array  # [] float32 (used when options.sample)
+    threshold: jax.Array  # [] float32 (used when options.use_threshold)
+    key: jax.Array  # PRNG key (used when options.sample)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeOutput:
+    tokens: jax.Array  # [B, N] generated ids; entries past num_tokens are unspecified
+    num_tokens: jax.Array  # [B] tokens to keep: through the first EOS, else all generated
+    nfe: jax.Array  # [B] forwards counted as NVIDIA's reference counts them in this mode
+    decided_at: jax.Array  # [B, N] 0-based index of the forward (prefill = 0) that fixed each token
+
+
+def output_size_for(options: DecodeOptions) -> int:
+    # AR never exceeds max_new_tokens; spec may overshoot by block-1 tokens (as the reference
+    # does) and diffusion writes whole blocks, so both get one block of slack.
+    return options.max_new_tokens + (0 if options.mode == "ar" else options.block_length)
+
+
+def cache_size_for(prompt_bucket: int, options: DecodeOptions) -> int:
+    """KV slots needed so that no write ever runs past the end (writes would clamp otherwise)."""
+    return prompt_bucket + options.max_new_tokens + options.block
+
+
+def next_key(key: jax.Array, sample: bool) -> tuple[jax.Array, jax.Array | None]:
+    if not sample:
+        return key, None
+    key, sub = jax.random.split(key)
+    return key, sub
+
+
+def prefill(params, config: NLDConfig, cache: KVCache, inputs: DecodeInputs, attn_impl: str):
+    """Causal forward of the padded prompts into a reset cache; logits of each row's last token.
+
+    Padding sits after each row's last real token, so causal attention keeps it out of every
+    real position; the cache lengths are set to the true prompt lengths, which hides it later.
+    """
+    cache = dataclasses.replace(cache, lengths=jnp.zeros_like(cache.lengths))
+    hidden, k, v = forward_hidden(params, config, inputs.tokens, cache, causal=True, attn_impl=attn_impl)
+    cache = cache.write(k, v).advance(inputs.lengths)
+    return cache, logits_at(params, config, hidden, inputs.lengths - 1)
+
+
+def block_forward(params, config: NLDConfig, cache: KVCache, tokens: jax.Array, *, causal: bool,
+                  lora, attn_impl: str):
+    """A block forward on top of the cache: logits ``[B, C, V]`` and the block's K/V."""
+    hidden, k, v = forward_hidden(params, config, tokens, cache, causal=causal, lora=lora, attn_impl=attn_impl)
+    return lm_head(params, config, hidden), k, v
+
+
+def write_rows(buffer: jax.Array, values: jax.Array, start: jax.Array, active: jax.Array) -> jax.Array:
+    """``buffer[b, start[b] : start[b] + W] = values[b]`` for active rows (``values [B, W]``)."""
+
+    def row(buf, val, s, a):
+        new = lax.dynamic_update_slice(buf, val.astype(buf.dtype), (s,))
+        return jnp.where(a, new, buf)
+
+    return jax.vmap(row)(buffer, values, start, active)
+
+
+def first_index(hit: jax.Array, default: int) -> jax.Array:
+    """Index of the first True along the last axis, ``default`` where there is none."""
+    idx = jnp.argmax(hit, axis=-1)
+    return jnp.where(jnp.any(hit, axis=-1), idx, default).astype(jnp.int32)
+
+
+def pick_first_token(logits, key, inputs: DecodeInputs, options: DecodeOptions):
+    return choose_tokens(logits, key, inputs.temperature, options.sample)

@@ -1,0 +1,104 @@
+"""The NLD forward pass as pure functions of (weights, inputs).
+
+Every decode mode runs the same layers; only the attention pattern differs (``causal``), and
+the draft LoRA is switched on per call (NLD_SPEC.md section 3). Layers are stacked and run with
+``lax.scan``; the block's new K/V come back as scan outputs so that the caller decides whether
+to write them into the cache (causal calls) or drop them (diffusion / draft calls).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from nld_jax import attention as attention_lib
+from nld_jax.config import NLDConfig
+from nld_jax.kv_cache import KVCache
+from nld_jax.rope import apply_rope, llama4_query_scale, rope_cos_sin
+
+__all__ = ["rms_norm", "forward_hidden", "lm_head", "logits_at", "forward_logits"]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Normalise in float32, cast back, then scale (the HF Mistral order of operations)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def _decoder_layer(config: NLDConfig, causal: bool, attn_impl: str, cos, sin, q_scale, cache_lengths,
+                   x, layer, cache_k, cache_v, lora):
+    eps = config.rms_norm_eps
+    attn_p, mlp_p = layer["self_attn"], layer["mlp"]
+    with jax.named_scope("attention"):
+        h = rms_norm(x, layer["input_layernorm"], eps)
+        q = jnp.einsum("btd,dhk->bthk", h, attn_p["q_proj"])
+        k = jnp.einsum("btd,dhk->bthk", h, attn_p["k_proj"])
+        v = jnp.einsum("btd,dhk->bthk", h, attn_p["v_proj"])
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if q_scale is not None:  # llama-4 scale: queries only, after RoPE, never cached
+            q = q * q_scale[:, :, None, None].astype(q.dtype)
+        out = attention_lib.attention(q, k, v, cache_k, cache_v, cache_lengths, causal=causal,
+                                      implementation=attn_impl)
+        o = jnp.einsum("bthk,hkd->btd", out, attn_p["o_proj"])
+        if lora is not None:
+            # PEFT runs the adapter in the adapter's dtype (float32) and adds it to o_proj(x).
+            low = jnp.einsum("bthk,hkr->btr", out.astype(jnp.float32), lora["A"])
+            o = o + (lora["scale"] * jnp.einsum("btr,rd->btd", low, lora["B"])).astype(o.dtype)
+        x = x + o
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, layer["post_attention_layernorm"], eps)
+        gate = jnp.einsum("btd,df->btf", h, mlp_p["gate_proj"])
+        up = jnp.einsum("btd,df->btf", h, mlp_p["up_proj"])
+        x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, mlp_p["down_proj"])
+    return x, (k, v)
+
+
+def forward_hidden(params, config: NLDConfig, tokens: jax.Array, cache: KVCache, *, causal: bool,
+                   lora=None, attn_impl: str = "auto"):
+    """Run the layers over ``tokens [B, T]`` placed after each row's cached prefix.
+
+    Returns ``(hidden [B, T, D] after the final norm, k_new, v_new [L, B, T, K, Dh])``. Positions
+    are absolute: ``cache.lengths[b] + arange(T)`` for RoPE and for the llama-4 query scale.
+    ``lora`` (a LoRA tree or None) is applied to ``o_proj`` of every layer of this call.
+    """
+    T = tokens.shape[1]
+    dtype = params["embed_tokens"].dtype
+    positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    cos, sin = rope_cos_sin(config, positions, dtype)
+    q_scale = llama4_query_scale(config, positions)
+    x = jnp.take(params["embed_tokens"], tokens, axis=0)
+
+    lora_layers = None if lora is None else {"A": lora["A"], "B": lora["B"]}
+
+    def body(x, xs):
+        layer, ck, cv, lora_l = xs
+        if lora_l is not None:
+            lora_l = {**lora_l, "scale": lora["scale"]}
+        return _decoder_layer(config, causal, attn_impl, cos, sin, q_scale, cache.lengths,
+                              x, layer, ck.astype(dtype), cv.astype(dtype), lora_l)
+
+    x, (k_new, v_new) = lax.scan(body, x, (params["layers"], cache.k, cache.v, lora_layers))
+    return rms_norm(x, params["norm"], config.rms_norm_eps), k_new, v_new
+
+
+def lm_head(params, config: NLDConfig, hidden: jax.Array) -> jax.Array:
+    """float32 logits ``[..., V]`` (no scaling, no soft-cap)."""
+    if config.tie_word_embeddings:
+        return jnp.einsum("...d,vd->...v", hidden, params["embed_tokens"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", hidden, params["diffusion_head"], preferred_element_type=jnp.float32)
+
+
+def logits_at(params, config: NLDConfig, hidden: jax.Array, index: jax.Array) -> jax.Array:
+    """Logits of one position per row (``index [B]``): avoids a ``[B, T, V]`` tensor in prefill."""
+    h = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
+    return lm_head(params, config, h)
+
+
+def forward_logits(params, config: NLDConfig, tokens: jax.Array, *, attn_impl: str = "auto") -> jax.Array:
+    """Causal logits ``[B, T, V]`` of a forward without cache (positions ``0..T-1``)."""
+    B = tokens.shape[0]
+    empty = KVCache.empty(config, B, 0, params["embed_tokens"].dtype)
+    hidden, _, _ = forward_hidden(params, config, tokens, empty, causal=True, attn_impl=attn_impl)
+    return lm_head(params, config, hidden)

@@ -1,0 +1,218 @@
+"""The weights pytree, declared once.
+
+Every parameter is declared in ``_DECLARATIONS`` with its shape, its logical axes (for the
+sharding rules), how to initialise it and where it lives in NVIDIA's HF checkpoint (key and
+layout transform). The abstract tree, random initialisation, the HF loader and the converter
+are all derived from this one table, so adding or renaming a weight happens in one place.
+
+Layout (HF-aligned names, ``encoder.`` prefix and ``.weight`` suffix dropped, layers stacked on
+a leading ``L`` axis so that the layer loop is a ``lax.scan``; matrices stored ``[in, out]``)::
+
+    embed_tokens                          [V, D]
+    layers.input_layernorm                [L, D]
+    layers.self_attn.q_proj               [L, D, H, Dh]
+    layers.self_attn.k_proj               [L, D, K, Dh]
+    layers.self_attn.v_proj               [L, D, K, Dh]
+    layers.self_attn.o_proj               [L, H, Dh, D]
+    layers.post_attention_layernorm       [L, D]
+    layers.mlp.gate_proj                  [L, D, F]
+    layers.mlp.up_proj                    [L, D, F]
+    layers.mlp.down_proj                  [L, F, D]
+    norm                                  [D]
+    diffusion_head                        [D, V]
+
+The draft LoRA (``o_proj`` only) is its own small tree: ``A [L, H, Dh, r]``, ``B [L, r, D]``
+and ``scale`` (a float32 scalar, alpha / r).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nld_jax.config import NLDConfig
+
+__all__ = [
+    "ParamSpec",
+    "param_specs",
+    "lora_specs",
+    "abstract_params",
+    "init_params",
+    "init_lora",
+    "tree_from_flat",
+    "flatten_tree",
+    "cast_params",
+]
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: our shape and logical axes, its init, and its HF location.
+
+    ``hf_key`` may contain ``{n}`` for the layer index; a spec with ``stacked=True`` gathers the
+    ``L`` per-layer HF tensors into one array. ``to_ours`` maps one HF tensor (PyTorch ``[out, in]``)
+    to our per-layer layout; ``to_hf`` is its inverse.
+    """
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    init: str  # "normal" | "ones"
+    hf_key: str
+    hf_shape: tuple[int, ...]
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+    stacked: bool = False
+
+
+def _identity(x):
+    return x
+
+
+def _linear(out_shape: tuple[int, ...]):
+    """HF ``[out, in]`` -> ours ``[in, *out_shape]`` (and back)."""
+
+    def to_ours(w):
+        return w.T.reshape(w.shape[1], *out_shape)
+
+    def to_hf(w):
+        return w.reshape(w.shape[0], -1).T
+
+    return to_ours, to_hf
+
+
+def _linear_in(in_shape: tuple[int, ...]):
+    """HF ``[out, in]`` -> ours ``[*in_shape, out]`` (o_proj, lora_A: the input is split into heads)."""
+
+    def to_ours(w):
+        return w.T.reshape(*in_shape, w.shape[0])
+
+    def to_hf(w):
+        return w.reshape(-1, w.shape[-1]).T
+
+    return to_ours, to_hf
+
+
+def param_specs(config: NLDConfig) -> dict[str, ParamSpec]:
+    """Flat ``{dotted path: ParamSpec}`` for the base model."""
+    c = config
+    L, D, F, H, K, Dh, V = c.L, c.D, c.F, c.H, c.K, c.Dh, c.V
+    lay = "encoder.layers.{n}."
+    q_t, kv_t = _linear((H, Dh)), _linear((K, Dh))
+    o_t, mlp_t = _linear_in((H, Dh)), _linear((F,))
+    down_t, head_t = _linear((D,)), _linear((V,))
+
+    def layer(shape, axes, init, key, hf_shape, t=(_identity, _identity)):
+        return ParamSpec((L, *shape), ("layers", *axes), init, lay + key, hf_shape, t[0], t[1], True)
+
+    specs = {
+        "embed_tokens": ParamSpec((V, D), ("vocab", "embed"), "normal", "encoder.embed_tokens.weight",
+                                  (V, D), _identity, _identity),
+        "layers.input_layernorm": layer((D,), ("embed",), "ones", "input_layernorm.weight", (D,)),
+        "layers.self_attn.q_proj": layer((D, H, Dh), ("embed", "q_heads", "head_dim"), "normal",
+                                         "self_attn.q_proj.weight", (H * Dh, D), q_t),
+        "layers.self_attn.k_proj": layer((D, K, Dh), ("embed", "kv_heads", "head_dim"), "normal",
+                                         "self_attn.k_proj.weight", (K * Dh, D), kv_t),
+        "layers.self_attn.v_proj": layer((D, K, Dh), ("embed", "kv_heads", "head_dim"), "normal",
+                                         "self_attn.v_proj.weight", (K * Dh, D), kv_t),
+        "layers.self_attn.o_proj": layer((H, Dh, D), ("q_heads", "head_dim", "embed"), "normal",
+                                         "self_attn.o_proj.weight", (D, H * Dh), o_t),
+        "layers.post_attention_layernorm": layer((D,), ("embed",), "ones",
+                                                 "post_attention_layernorm.weight", (D,)),
+        "layers.mlp.gate_proj": layer((D, F), ("embed", "mlp"), "normal", "mlp.gate_proj.weight", (F, D), mlp_t),
+        "layers.mlp.up_proj": layer((D, F), ("embed", "mlp"), "normal", "mlp.up_proj.weight", (F, D), mlp_t),
+        "layers.mlp.down_proj": layer((F, D), ("mlp", "embed"), "normal", "mlp.down_proj.weight", (D, F), down_t),
+        "norm": ParamSpec((D,), ("embed",), "ones", "encoder.norm.weight", (D,), _identity, _identity),
+    }
+    if not c.tie_word_embeddings:
+        specs["diffusion_head"] = ParamSpec((D, V), ("embed", "vocab"), "normal", "diffusion_head.weight",
+                                            (V, D), head_t[0], head_t[1])
+    return specs
+
+
+LORA_PREFIX = "base_model.model."
+
+
+def lora_specs(config: NLDConfig, rank: int) -> dict[str, ParamSpec]:
+    """Flat specs of the PEFT draft LoRA on ``o_proj`` (NLD_SPEC.md section 2)."""
+    L, D, H, Dh, r = config.L, config.D, config.H, config.Dh, rank
+    a_t, b_t = _linear_in((H, Dh)), _linear((D,))
+    key = LORA_PREFIX + "encoder.layers.{n}.self_attn.o_proj."
+    return {
+        "A": ParamSpec((L, H, Dh, r), ("layers", "q_heads", "head_dim", "lora_rank"), "normal",
+                       key + "lora_A.weight", (r, H * Dh), a_t[0], a_t[1], True),
+        "B": ParamSpec((L, r, D), ("layers", "lora_rank", "embed"), "zeros",
+                       key + "lora_B.weight", (D, r), b_t[0], b_t[1], True),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Tree helpers
+# --------------------------------------------------------------------------------------
+
+def tree_from_flat(flat: dict[str, Any]) -> Params:
+    """``{"a.b": x}`` -> ``{"a": {"b": x}}``."""
+    tree: Params = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten_tree(tree: Params, prefix: str = "") -> dict[str, Any]:
+    """Inverse of :func:`tree_from_flat`."""
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_tree(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def abstract_params(config: NLDConfig, dtype=jnp.float32) -> Params:
+    """``jax.ShapeDtypeStruct`` tree: no memory is allocated."""
+    return tree_from_flat({p: jax.ShapeDtypeStruct(s.shape, dtype) for p, s in param_specs(config).items()})
+
+
+def _init_leaf(key, spec: ParamSpec, dtype, std: float):
+    if spec.init == "ones":
+        return jnp.ones(spec.shape, dtype)
+    if spec.init == "zeros":
+        return jnp.zeros(spec.shape, dtype)
+    return (std * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
+
+
+def init_params(config: NLDConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+    """Random weights (normal(0, std) matrices, unit norms): for tests and benchmarks."""
+    specs = param_specs(config)
+    keys = jax.random.split(key, len(specs))
+    return tree_from_flat({p: _init_leaf(k, s, dtype, std) for k, (p, s) in zip(keys, specs.items())})
+
+
+def init_lora(config: NLDConfig, key: jax.Array, rank: int, alpha: float, std: float = 0.02,
+              zero_b: bool = True) -> Params:
+    """A LoRA tree. PEFT initialises B to zero (a no-op adapter); tests want ``zero_b=False``."""
+    specs = lora_specs(config, rank)
+    ka, kb = jax.random.split(key)
+    A = _init_leaf(ka, specs["A"], jnp.float32, std)
+    B = jnp.zeros(specs["B"].shape, jnp.float32) if zero_b else _init_leaf(
+        kb, dataclasses.replace(specs["B"], init="normal"), jnp.float32, std)
+    return {"A": A, "B": B, "scale": jnp.asarray(alpha / rank, jnp.float32)}
+
+
+def cast_params(params: Params, dtype) -> Params:
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def param_bytes(params: Params) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))
