@@ -11,39 +11,19 @@ The cache is never written here: the caller writes the block's K/V afterwards (c
 only), so the same function handles both modes and the read-only guarantee of diffusion steps
 is structural.
 
-Kernels plug in through :func:`register_implementation`; ``implementation="auto"`` picks the
-best registered kernel for the backend and falls back to the XLA version below.
+Kernels plug in through :data:`nld_jax.ops.ATTENTION` (``ATTENTION.register(name, fn,
+auto_for=("gpu",))``); ``implementation="auto"`` picks the kernel registered for the backend
+and falls back to the XLA version below, which is also every kernel's numerical reference.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
-
 import jax
 import jax.numpy as jnp
 
-__all__ = ["attention", "attention_xla", "register_implementation", "implementations"]
+from nld_jax.ops import ATTENTION
 
-
-class AttentionFn(Protocol):
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-                 cache_lengths: jax.Array, *, causal: bool) -> jax.Array: ...
-
-
-_IMPLEMENTATIONS: dict[str, AttentionFn] = {}
-# backend platform -> implementation names to try in order for "auto"
-_AUTO_ORDER: dict[str, list[str]] = {}
-
-
-def register_implementation(name: str, fn: AttentionFn, auto_for: tuple[str, ...] = ()) -> None:
-    """Make ``fn`` selectable as ``implementation=name`` (and the default on ``auto_for`` platforms)."""
-    _IMPLEMENTATIONS[name] = fn
-    for platform in auto_for:
-        _AUTO_ORDER.setdefault(platform, []).insert(0, name)
-
-
-def implementations() -> list[str]:
-    return sorted(_IMPLEMENTATIONS)
+__all__ = ["attention", "attention_xla"]
 
 
 def attention_xla(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool):
@@ -76,23 +56,7 @@ def attention_xla(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool):
     return out.reshape(B, T, H, Dh).astype(q.dtype)
 
 
-register_implementation("xla", attention_xla)
-
-
-def resolve(implementation: str) -> AttentionFn:
-    if implementation == "auto":
-        for name in _AUTO_ORDER.get(jax.default_backend(), []):
-            if name in _IMPLEMENTATIONS:
-                return _IMPLEMENTATIONS[name]
-        return attention_xla
-    try:
-        return _IMPLEMENTATIONS[implementation]
-    except KeyError:
-        raise ValueError(f"unknown attention implementation {implementation!r}; "
-                         f"registered: {implementations()} (or 'auto')") from None
-
-
 def attention(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool, implementation: str = "auto"):
-    """Dispatch to the selected implementation (see module docstring for the semantics)."""
-    fn: Callable = resolve(implementation)
+    """Dispatch to the selected implementation (see the module docstring for the semantics)."""
+    fn = ATTENTION.resolve(implementation)
     return fn(q, k, v, cache_k, cache_v, cache_lengths, causal=causal)

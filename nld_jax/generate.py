@@ -76,7 +76,7 @@ def prepare_prompts(model: NLDModel, prompts) -> list[list[int]]:
 
 
 def make_options(model: NLDModel, mode: str, max_new_tokens: int, block_length: int | None,
-                 threshold: float | None, temperature: float, use_lora: bool, attn_impl: str = "auto",
+                 threshold: float | None, temperature: float, use_lora: bool, kernels: str = "auto",
                  stream: bool = False) -> DecodeOptions:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
@@ -92,12 +92,12 @@ def make_options(model: NLDModel, mode: str, max_new_tokens: int, block_length: 
     use_threshold = threshold is not None and (mode == "diffusion" or threshold > 0)
     return DecodeOptions(mode=mode, max_new_tokens=int(max_new_tokens), block_length=block,
                          use_threshold=use_threshold, sample=temperature > 0,
-                         use_lora=bool(use_lora) and mode != "ar", attn_impl=attn_impl, stream=stream)
+                         use_lora=bool(use_lora) and mode != "ar", kernels=kernels, stream=stream)
 
 
 def generate(model: NLDModel, prompts, mode: str = "ar", max_new_tokens: int = 128,
              block_length: int | None = None, threshold: float | None = None, temperature: float = 0.0,
-             use_lora: bool = False, seed: int = 0, *, attn_impl: str = "auto",
+             use_lora: bool = False, seed: int = 0, *, kernels: str = "auto",
              on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerationResult:
     """Generate from a batch of prompts (token-id lists, ragged allowed, or strings).
 
@@ -109,7 +109,7 @@ def generate(model: NLDModel, prompts, mode: str = "ar", max_new_tokens: int = 1
     the compiled loop produces them.
     """
     options = make_options(model, mode, max_new_tokens, block_length, threshold, temperature, use_lora,
-                           attn_impl, stream=on_tokens is not None)
+                           kernels, stream=on_tokens is not None)
     ids = prepare_prompts(model, prompts)
     longest = max(len(p) for p in ids)
     limit = model.config.max_position_embeddings

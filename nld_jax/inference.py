@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from nld_jax.config import NLDConfig
-from nld_jax.decode.common import block_forward
 from nld_jax.kv_cache import KVCache
 from nld_jax.loading import NLDModel
-from nld_jax.model import forward_hidden, forward_logits
+from nld_jax.model import forward_hidden, forward_logits, lm_head
 
 __all__ = ["forward", "block_logits", "block_logits_fn"]
 
@@ -50,8 +49,8 @@ def block_logits_fn(params, lora, prefix, block, *, config: NLDConfig, attn_impl
     cache = KVCache.empty(config, B, P, params["embed_tokens"].dtype)
     _, k, v = forward_hidden(params, config, prefix, cache, causal=True, attn_impl=attn_impl)
     cache = cache.write(k, v).advance(jnp.full((B,), P, jnp.int32))
-    logits, _, _ = block_forward(params, config, cache, block, causal=False, lora=lora, attn_impl=attn_impl)
-    return logits
+    hidden, _, _ = forward_hidden(params, config, block, cache, causal=False, lora=lora, attn_impl=attn_impl)
+    return lm_head(params, config, hidden)
 
 
 _block_logits_jit = jax.jit(block_logits_fn, static_argnames=("config", "attn_impl"))

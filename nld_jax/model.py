@@ -15,9 +15,11 @@ from jax import lax
 from nld_jax import attention as attention_lib
 from nld_jax.config import NLDConfig
 from nld_jax.kv_cache import KVCache
+from nld_jax.ops import GREEDY_HEAD
 from nld_jax.rope import apply_rope, llama4_query_scale, rope_cos_sin
 
-__all__ = ["rms_norm", "forward_hidden", "lm_head", "logits_at", "forward_logits"]
+__all__ = ["rms_norm", "forward_hidden", "lm_head", "logits_at", "forward_logits", "greedy_head",
+           "greedy_head_xla", "head_weight"]
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -83,11 +85,34 @@ def forward_hidden(params, config: NLDConfig, tokens: jax.Array, cache: KVCache,
     return rms_norm(x, params["norm"], config.rms_norm_eps), k_new, v_new
 
 
+def head_weight(params, config: NLDConfig) -> jax.Array:
+    """The LM head as ``[D, V]`` (the embedding, transposed, when tied)."""
+    if config.tie_word_embeddings:
+        return params["embed_tokens"].T
+    return params["diffusion_head"]
+
+
 def lm_head(params, config: NLDConfig, hidden: jax.Array) -> jax.Array:
     """float32 logits ``[..., V]`` (no scaling, no soft-cap)."""
-    if config.tie_word_embeddings:
-        return jnp.einsum("...d,vd->...v", hidden, params["embed_tokens"], preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", hidden, params["diffusion_head"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", hidden, head_weight(params, config), preferred_element_type=jnp.float32)
+
+
+def greedy_head_xla(hidden: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """argmax token and its softmax probability, ``[...]`` each, from ``hidden [..., D]``.
+
+    ``softmax(l)[argmax] = 1 / sum(exp(l - max l))``. A kernel can compute this per vocabulary
+    tile without ever writing the ``[..., V]`` logits to memory.
+    """
+    logits = jnp.einsum("...d,dv->...v", hidden, weight, preferred_element_type=jnp.float32)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return tokens, 1.0 / jnp.sum(jnp.exp(logits - top), axis=-1)
+
+
+def greedy_head(params, config: NLDConfig, hidden: jax.Array, implementation: str = "auto"):
+    """Greedy decisions straight from hidden states (see :func:`greedy_head_xla`)."""
+    fn = GREEDY_HEAD.resolve(implementation)
+    return fn(hidden, head_weight(params, config))
 
 
 def logits_at(params, config: NLDConfig, hidden: jax.Array, index: jax.Array) -> jax.Array:

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from nld_jax.config import NLDConfig
-from nld_jax.decode.common import (DecodeInputs, DecodeOptions, DecodeOutput, block_forward, next_key,
-                                   output_size_for, pick_first_token, prefill, write_rows)
+from nld_jax.decode.common import (DecodeInputs, DecodeOptions, DecodeOutput, block_hidden, decide, next_key,
+                                   output_size_for, prefill, write_rows)
 from nld_jax.decode.stream import emit
 from nld_jax.kv_cache import KVCache
 
@@ -40,9 +40,9 @@ def ar_decode(params, lora, cache: KVCache, inputs: DecodeInputs, *, config: NLD
     B = inputs.tokens.shape[0]
     N = output_size_for(options)
     eos = config.eos_token_id
-    cache, logits = prefill(params, config, cache, inputs, options.attn_impl)
+    cache, last = prefill(params, config, cache, inputs, options.kernels)
     key, sub = next_key(inputs.key, options.sample)
-    first = pick_first_token(logits, sub, inputs, options)
+    first, _ = decide(params, config, last, sub, inputs, options)
 
     def is_eos(tok):
         return (tok == eos) if eos is not None else jnp.zeros_like(tok, bool)
@@ -58,11 +58,11 @@ def ar_decode(params, lora, cache: KVCache, inputs: DecodeInputs, *, config: NLD
 
     def body(s: _State):
         active = ~s.done
-        logits, k, v = block_forward(params, config, s.cache, s.last[:, None], causal=True, lora=None,
-                                     attn_impl=options.attn_impl)
+        hidden, k, v = block_hidden(params, config, s.cache, s.last[:, None], causal=True, lora=None,
+                                    kernels=options.kernels)
         cache = s.cache.write(k, v).advance(active.astype(jnp.int32))
         key, sub = next_key(s.key, options.sample)
-        tok = pick_first_token(logits[:, 0], sub, inputs, options)
+        tok, _ = decide(params, config, hidden[:, 0], sub, inputs, options)
         out = write_rows(s.out, tok[:, None], s.n, active)
         decided = write_rows(s.decided_at, s.n[:, None], s.n, active)  # token j comes from forward j
         n = s.n + active.astype(jnp.int32)

@@ -15,12 +15,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from nld_jax.config import NLDConfig
-from nld_jax.decode.sampling import choose_tokens
+from nld_jax.decode.sampling import choose_tokens, chosen_probability
 from nld_jax.kv_cache import KVCache
-from nld_jax.model import forward_hidden, lm_head, logits_at
+from nld_jax.model import forward_hidden, greedy_head, lm_head
 
-__all__ = ["MODES", "DecodeOptions", "DecodeInputs", "DecodeOutput", "prefill", "write_rows",
-           "first_index", "cache_size_for", "output_size_for", "next_key"]
+__all__ = ["MODES", "DecodeOptions", "DecodeInputs", "DecodeOutput", "prefill", "block_hidden", "decide",
+           "write_rows", "first_index", "cache_size_for", "output_size_for", "next_key"]
 
 MODES = ("ar", "diffusion", "spec")
 
@@ -39,7 +39,7 @@ class DecodeOptions:
     use_threshold: bool = False
     sample: bool = False
     use_lora: bool = False
-    attn_impl: str = "auto"
+    kernels: str = "auto"  # "auto" | "xla" | a registered kernel name (attention and greedy head)
     stream: bool = False  # send tokens to the host as they are produced (see decode/stream.py)
 
     def __post_init__(self):
@@ -95,23 +95,40 @@ def next_key(key: jax.Array, sample: bool) -> tuple[jax.Array, jax.Array | None]
     return key, sub
 
 
-def prefill(params, config: NLDConfig, cache: KVCache, inputs: DecodeInputs, attn_impl: str):
-    """Causal forward of the padded prompts into a reset cache; logits of each row's last token.
+def prefill(params, config: NLDConfig, cache: KVCache, inputs: DecodeInputs, kernels: str):
+    """Causal forward of the padded prompts into a reset cache; hidden state of each row's last token.
 
     Padding sits after each row's last real token, so causal attention keeps it out of every
     real position; the cache lengths are set to the true prompt lengths, which hides it later.
     """
     cache = dataclasses.replace(cache, lengths=jnp.zeros_like(cache.lengths))
-    hidden, k, v = forward_hidden(params, config, inputs.tokens, cache, causal=True, attn_impl=attn_impl)
+    hidden, k, v = forward_hidden(params, config, inputs.tokens, cache, causal=True, attn_impl=kernels)
     cache = cache.write(k, v).advance(inputs.lengths)
-    return cache, logits_at(params, config, hidden, inputs.lengths - 1)
+    last = jnp.take_along_axis(hidden, (inputs.lengths - 1)[:, None, None], axis=1)[:, 0]
+    return cache, last
 
 
-def block_forward(params, config: NLDConfig, cache: KVCache, tokens: jax.Array, *, causal: bool,
-                  lora, attn_impl: str):
-    """A block forward on top of the cache: logits ``[B, C, V]`` and the block's K/V."""
-    hidden, k, v = forward_hidden(params, config, tokens, cache, causal=causal, lora=lora, attn_impl=attn_impl)
-    return lm_head(params, config, hidden), k, v
+def block_hidden(params, config: NLDConfig, cache: KVCache, tokens: jax.Array, *, causal: bool, lora,
+                 kernels: str):
+    """A block forward on top of the cache: hidden ``[B, C, D]`` and the block's K/V."""
+    return forward_hidden(params, config, tokens, cache, causal=causal, lora=lora, attn_impl=kernels)
+
+
+def decide(params, config: NLDConfig, hidden: jax.Array, key, inputs: DecodeInputs, options: DecodeOptions,
+           *, confidence_temperature: bool = False):
+    """Tokens for ``hidden [..., D]`` and the softmax probability of each chosen token.
+
+    Greedy decisions go through the greedy head (argmax and its probability, no ``[..., V]``
+    logits kept); sampling needs the full logits for the Gumbel noise. ``confidence_temperature``
+    computes the confidence from ``softmax(logits / T)`` (the reference's speculative draft)
+    instead of the raw logits (its diffusion steps).
+    """
+    if not options.sample:
+        return greedy_head(params, config, hidden, options.kernels)
+    logits = lm_head(params, config, hidden)
+    tokens = choose_tokens(logits, key, inputs.temperature, True)
+    temp = inputs.temperature if confidence_temperature else 1.0
+    return tokens, chosen_probability(logits, tokens, temp)
 
 
 def write_rows(buffer: jax.Array, values: jax.Array, start: jax.Array, active: jax.Array) -> jax.Array:
@@ -128,7 +145,3 @@ def first_index(hit: jax.Array, default: int) -> jax.Array:
     """Index of the first True along the last axis, ``default`` where there is none."""
     idx = jnp.argmax(hit, axis=-1)
     return jnp.where(jnp.any(hit, axis=-1), idx, default).astype(jnp.int32)
-
-
-def pick_first_token(logits, key, inputs: DecodeInputs, options: DecodeOptions):
-    return choose_tokens(logits, key, inputs.temperature, options.sample)

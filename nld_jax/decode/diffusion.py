@@ -27,9 +27,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from nld_jax.config import NLDConfig
-from nld_jax.decode.common import (DecodeInputs, DecodeOptions, DecodeOutput, block_forward, first_index,
-                                   next_key, output_size_for, pick_first_token, prefill, write_rows)
-from nld_jax.decode.sampling import chosen_probability, choose_tokens, select_transfer
+from nld_jax.decode.common import (DecodeInputs, DecodeOptions, DecodeOutput, block_hidden, decide,
+                                   first_index, next_key, output_size_for, prefill, write_rows)
+from nld_jax.decode.sampling import select_transfer
 from nld_jax.decode.stream import emit
 from nld_jax.kv_cache import KVCache
 
@@ -63,10 +63,10 @@ class _BlockState:
     key: jax.Array
 
 
-def denoise_step(logits, blk, is_mask, key, inputs: DecodeInputs, options: DecodeOptions, budget):
+def denoise_step(params, config, hidden, blk, is_mask, key, inputs: DecodeInputs, options: DecodeOptions, budget):
     """One unmasking decision: returns the updated block and which slots were revealed."""
-    x0 = choose_tokens(logits, key, inputs.temperature, options.sample)
-    conf = chosen_probability(logits, x0)  # softmax of the raw logits, as the reference
+    # Confidence is the softmax of the raw logits, as in the reference's diffusion steps.
+    x0, conf = decide(params, config, hidden, key, inputs, options)
     transfer = select_transfer(conf, is_mask, budget, inputs.threshold, options.use_threshold)
     return jnp.where(transfer, x0, blk), transfer
 
@@ -90,9 +90,9 @@ def diffusion_decode(params, lora, cache: KVCache, inputs: DecodeInputs, *, conf
     draft_lora = lora if options.use_lora else None
     slots = jnp.arange(C, dtype=jnp.int32)[None, :]
 
-    cache, logits = prefill(params, config, cache, inputs, options.attn_impl)
+    cache, last = prefill(params, config, cache, inputs, options.kernels)
     key, sub = next_key(inputs.key, options.sample)
-    seed = pick_first_token(logits, sub, inputs, options)
+    seed, _ = decide(params, config, last, sub, inputs, options)
     zeros = jnp.zeros((B,), jnp.int32)
     state = _State(cache, jnp.zeros((B, N), jnp.int32), jnp.zeros((B, N), jnp.int32), zeros, zeros,
                    jnp.ones((B,), jnp.int32), jnp.zeros((B,), bool), seed, zeros, key)
@@ -118,12 +118,12 @@ def diffusion_decode(params, lora, cache: KVCache, inputs: DecodeInputs, *, conf
 
         def step_body(b: _BlockState) -> _BlockState:
             active = has_work(b)
-            logits, _, _ = block_forward(params, config, s.cache, b.blk, causal=False, lora=draft_lora,
-                                         attn_impl=options.attn_impl)
+            hidden, _, _ = block_hidden(params, config, s.cache, b.blk, causal=False, lora=draft_lora,
+                                        kernels=options.kernels)
             key, sub = next_key(b.key, options.sample)
             is_mask = (b.blk == mask_id) & decodable & active[:, None]
             budget = base + (b.step < extra).astype(jnp.int32)
-            new_blk, revealed = denoise_step(logits, b.blk, is_mask, sub, inputs, options, budget)
+            new_blk, revealed = denoise_step(params, config, hidden, b.blk, is_mask, sub, inputs, options, budget)
             blk_at = jnp.where(revealed, b.forwards[:, None], b.blk_at)
             stopped = b.stopped | (active & _eos_stop(new_blk, mask_id, eos))
             inc = active.astype(jnp.int32)
@@ -133,11 +133,10 @@ def diffusion_decode(params, lora, cache: KVCache, inputs: DecodeInputs, *, conf
                            _BlockState(blk, blk_at, jnp.int32(0), jnp.zeros((B,), bool), s.nfe, s.forwards, s.key))
 
         # Commit: one causal forward of the block writes its K/V and yields the next seed.
-        logits, k, v = block_forward(params, config, s.cache, b.blk, causal=True, lora=None,
-                                     attn_impl=options.attn_impl)
+        hidden, k, v = block_hidden(params, config, s.cache, b.blk, causal=True, lora=None, kernels=options.kernels)
         cache = s.cache.write(k, v).advance(jnp.where(live, C, 0))
         key, sub = next_key(b.key, options.sample)
-        next_seed = pick_first_token(logits[:, C - 1], sub, inputs, options)
+        next_seed, _ = decide(params, config, hidden[:, C - 1], sub, inputs, options)
         out = write_rows(s.out, b.blk, s.n, live)
         decided = write_rows(s.decided_at, b.blk_at, s.n, live)
         n = s.n + jnp.where(live, valid, 0)

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from nld_jax.config import NLDConfig
-from nld_jax.decode.common import (DecodeInputs, DecodeOptions, DecodeOutput, block_forward, first_index,
-                                   next_key, output_size_for, pick_first_token, prefill, write_rows)
-from nld_jax.decode.sampling import chosen_probability, choose_tokens, rank_descending
+from nld_jax.decode.common import (DecodeInputs, DecodeOptions, DecodeOutput, block_hidden, decide,
+                                   first_index, next_key, output_size_for, prefill, write_rows)
+from nld_jax.decode.sampling import rank_descending
 from nld_jax.decode.stream import emit
 from nld_jax.kv_cache import KVCache
 
@@ -58,14 +58,13 @@ def _draft(params, config, options, inputs, cache, blk, active, nfe, key, lora):
     mask_id = config.mask_token_id
 
     def fill(blk, key):
-        logits, _, _ = block_forward(params, config, cache, blk, causal=False, lora=lora,
-                                     attn_impl=options.attn_impl)
+        hidden, _, _ = block_hidden(params, config, cache, blk, causal=False, lora=lora, kernels=options.kernels)
         key, sub = next_key(key, options.sample)
-        tokens = choose_tokens(logits, sub, inputs.temperature, options.sample)
-        return logits, tokens, key
+        tokens, conf = decide(params, config, hidden, sub, inputs, options, confidence_temperature=True)
+        return tokens, conf, key
 
     if not options.use_threshold:
-        logits, tokens, key = fill(blk, key)
+        tokens, _, key = fill(blk, key)
         is_mask = (blk == mask_id) & active[:, None]
         return jnp.where(is_mask, tokens, blk), nfe + active.astype(jnp.int32), key
 
@@ -78,11 +77,10 @@ def _draft(params, config, options, inputs, cache, blk, active, nfe, key, lora):
     def body(c):
         blk, nfe, key = c
         rows = pending(blk)
-        logits, tokens, key = fill(blk, key)
-        temp = inputs.temperature if options.sample else 1.0
-        conf = jnp.where(blk == mask_id, chosen_probability(logits, tokens, temp), -jnp.inf)
+        tokens, conf, key = fill(blk, key)
+        conf = jnp.where(blk == mask_id, conf, -jnp.inf)
+        # At least the most confident mask, so that low-confidence blocks still progress.
         unmask = ((conf >= inputs.threshold) | (rank_descending(conf) == 0)) & (blk == mask_id)
-        # (at least the most confident mask, so that low-confidence blocks still progress)
         return jnp.where(unmask & rows[:, None], tokens, blk), nfe + rows.astype(jnp.int32), key
 
     return lax.while_loop(cond, body, (blk, nfe, key))
@@ -100,9 +98,9 @@ def spec_decode(params, lora, cache: KVCache, inputs: DecodeInputs, *, config: N
     def is_eos(tok):
         return (tok == eos) if eos is not None else jnp.zeros_like(tok, bool)
 
-    cache, logits = prefill(params, config, cache, inputs, options.attn_impl)
+    cache, last = prefill(params, config, cache, inputs, options.kernels)
     key, sub = next_key(inputs.key, options.sample)
-    seed = pick_first_token(logits, sub, inputs, options)
+    seed, _ = decide(params, config, last, sub, inputs, options)
     ones = jnp.ones((B,), jnp.int32)
     out = write_rows(jnp.zeros((B, N), jnp.int32), seed[:, None], jnp.zeros((B,), jnp.int32), ones > 0)
     state = _State(cache, out, jnp.zeros((B, N), jnp.int32), ones, ones,
@@ -113,10 +111,9 @@ def spec_decode(params, lora, cache: KVCache, inputs: DecodeInputs, *, config: N
         blk = jnp.where(slots == 0, s.seed[:, None], mask_id)
         blk, nfe, key = _draft(params, config, options, inputs, s.cache, blk, live, s.nfe, s.key, draft_lora)
 
-        logits, k, v = block_forward(params, config, s.cache, blk, causal=True, lora=None,
-                                     attn_impl=options.attn_impl)
+        hidden, k, v = block_hidden(params, config, s.cache, blk, causal=True, lora=None, kernels=options.kernels)
         key, sub = next_key(key, options.sample)
-        verified = choose_tokens(logits, sub, inputs.temperature, options.sample)  # [B, C]
+        verified, _ = decide(params, config, hidden, sub, inputs, options)  # [B, C]
         accepted = accepted_length(blk, verified)
         # Stop at the first EOS among the accepted tokens (keep it).
         eos_at = first_index(is_eos(verified) & (slots < accepted[:, None]), C)
