@@ -8,6 +8,8 @@ to write them into the cache (causal calls) or drop them (diffusion / draft call
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -18,8 +20,8 @@ from nld_jax.kv_cache import KVCache
 from nld_jax.ops import GREEDY_HEAD
 from nld_jax.rope import apply_rope, llama4_query_scale, rope_cos_sin
 
-__all__ = ["rms_norm", "forward_hidden", "lm_head", "logits_at", "forward_logits", "greedy_head",
-           "greedy_head_xla", "head_weight"]
+__all__ = ["rms_norm", "decoder_layer", "scan_layers", "embed", "forward_hidden", "lm_head", "logits_at",
+           "forward_logits", "greedy_head", "greedy_head_xla", "head_weight"]
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -29,8 +31,12 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-def _decoder_layer(config: NLDConfig, causal: bool, attn_impl: str, cos, sin, q_scale, cache_lengths,
-                   x, layer, cache_k, cache_v, lora):
+def decoder_layer(config: NLDConfig, layer, x: jax.Array, cos, sin, q_scale, attend: Callable, lora=None):
+    """One transformer layer. ``attend(q, k, v) -> [B, T, H, Dh]`` supplies the attention pattern
+    (cache + block for decoding, the block_diff mask for training); everything else is shared.
+
+    Returns ``(x, (k, v))``: the block's post-RoPE keys and values, for the caller to cache.
+    """
     eps = config.rms_norm_eps
     attn_p, mlp_p = layer["self_attn"], layer["mlp"]
     with jax.named_scope("attention"):
@@ -41,8 +47,7 @@ def _decoder_layer(config: NLDConfig, causal: bool, attn_impl: str, cos, sin, q_
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if q_scale is not None:  # llama-4 scale: queries only, after RoPE, never cached
             q = q * q_scale[:, :, None, None].astype(q.dtype)
-        out = attention_lib.attention(q, k, v, cache_k, cache_v, cache_lengths, causal=causal,
-                                      implementation=attn_impl)
+        out = attend(q, k, v)
         o = jnp.einsum("bthk,hkd->btd", out, attn_p["o_proj"])
         if lora is not None:
             # PEFT runs the adapter in the adapter's dtype (float32) and adds it to o_proj(x).
@@ -55,6 +60,27 @@ def _decoder_layer(config: NLDConfig, causal: bool, attn_impl: str, cos, sin, q_
         up = jnp.einsum("btd,df->btf", h, mlp_p["up_proj"])
         x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, mlp_p["down_proj"])
     return x, (k, v)
+
+
+def scan_layers(params, config: NLDConfig, x: jax.Array, cos, sin, q_scale, attend: Callable,
+                per_layer=None, lora=None, remat: bool = False):
+    """All layers with ``lax.scan``. ``attend(q, k, v, per_layer_slice)`` gets the layer's slice of
+    ``per_layer`` (e.g. its cached K/V). Returns ``(x, (k, v) stacked over layers)``."""
+    lora_layers = None if lora is None else {"A": lora["A"], "B": lora["B"]}
+
+    def body(x, xs):
+        layer, extra, lora_l = xs
+        if lora_l is not None:
+            lora_l = {**lora_l, "scale": lora["scale"]}
+        return decoder_layer(config, layer, x, cos, sin, q_scale, lambda q, k, v: attend(q, k, v, extra), lora_l)
+
+    if remat:
+        body = jax.checkpoint(body)
+    return lax.scan(body, x, (params["layers"], per_layer, lora_layers))
+
+
+def embed(params, tokens: jax.Array) -> jax.Array:
+    return jnp.take(params["embed_tokens"], tokens, axis=0)
 
 
 def forward_hidden(params, config: NLDConfig, tokens: jax.Array, cache: KVCache, *, causal: bool,
@@ -70,18 +96,14 @@ def forward_hidden(params, config: NLDConfig, tokens: jax.Array, cache: KVCache,
     positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     cos, sin = rope_cos_sin(config, positions, dtype)
     q_scale = llama4_query_scale(config, positions)
-    x = jnp.take(params["embed_tokens"], tokens, axis=0)
 
-    lora_layers = None if lora is None else {"A": lora["A"], "B": lora["B"]}
+    def attend(q, k, v, cached):
+        ck, cv = cached
+        return attention_lib.attention(q, k, v, ck.astype(dtype), cv.astype(dtype), cache.lengths,
+                                       causal=causal, implementation=attn_impl)
 
-    def body(x, xs):
-        layer, ck, cv, lora_l = xs
-        if lora_l is not None:
-            lora_l = {**lora_l, "scale": lora["scale"]}
-        return _decoder_layer(config, causal, attn_impl, cos, sin, q_scale, cache.lengths,
-                              x, layer, ck.astype(dtype), cv.astype(dtype), lora_l)
-
-    x, (k_new, v_new) = lax.scan(body, x, (params["layers"], cache.k, cache.v, lora_layers))
+    x, (k_new, v_new) = scan_layers(params, config, embed(params, tokens), cos, sin, q_scale, attend,
+                                    (cache.k, cache.v), lora)
     return rms_norm(x, params["norm"], config.rms_norm_eps), k_new, v_new
 
 
