@@ -52,7 +52,10 @@ def decoder_layer(config: NLDConfig, layer, x: jax.Array, cos, sin, q_scale, att
         if lora is not None:
             # PEFT runs the adapter in the adapter's dtype (float32) and adds it to o_proj(x).
             low = jnp.einsum("bthk,hkr->btr", out.astype(jnp.float32), lora["A"])
-            o = o + (lora["scale"] * jnp.einsum("btr,rd->btd", low, lora["B"])).astype(o.dtype)
+            delta = lora["scale"] * jnp.einsum("btr,rd->btd", low, lora["B"])
+            if "token_gate" in lora:  # [B, T] 0/1: training runs the adapter on some tokens only
+                delta = delta * lora["token_gate"][..., None]
+            o = o + delta.astype(o.dtype)
         x = x + o
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer["post_attention_layernorm"], eps)
@@ -71,7 +74,7 @@ def scan_layers(params, config: NLDConfig, x: jax.Array, cos, sin, q_scale, atte
     def body(x, xs):
         layer, extra, lora_l = xs
         if lora_l is not None:
-            lora_l = {**lora_l, "scale": lora["scale"]}
+            lora_l = {**lora_l, **{k: v for k, v in lora.items() if k not in ("A", "B")}}
         return decoder_layer(config, layer, x, cos, sin, q_scale, lambda q, k, v: attend(q, k, v, extra), lora_l)
 
     if remat:
