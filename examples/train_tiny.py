@@ -1,0 +1,255 @@
+"""Train a small NLD from scratch on the Python standard library's source, then its draft LoRA.
+
+Everything runs offline on the CPU of this machine: a byte-level BPE tokenizer is trained on the
+corpus, the model is trained with NVIDIA's joint AR + block-diffusion objective (nld_jax.training),
+its draft LoRA with the self-speculation draft objective, and the result is written in NVIDIA's
+checkpoint format (bf16 safetensors, config.json, tokenizer, linear_spec_lora/) together with a
+report: held-out AR perplexity, TPF and tokens/s per mode, and greedy spec == greedy AR.
+
+    python examples/train_tiny.py --out /tmp/nld-stdlib --minutes 50 --lora-minutes 8
+    python examples/train_tiny.py --out /tmp/smoke --minutes 1 --lora-minutes 0.5 --size smoke
+
+The shipped default model (nld_jax/assets/default-model) was made with the first command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import sysconfig
+import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import nld_jax
+from nld_jax.checkpoint.hf_write import save_hf_checkpoint
+from nld_jax.config import NLDConfig, RopeConfig
+from nld_jax.params import init_lora, init_params
+from nld_jax.training import (CheckpointIO, LossConfig, OptimConfig, TrainConfig, batches, init_state,
+                              make_optimizer, make_schedule, make_train_step, pack_documents, train_bpe_tokenizer,
+                              train_loop)
+
+SIZES = {
+    # ~10.6M parameters: the shipped model
+    "small": dict(hidden_size=320, intermediate_size=960, num_hidden_layers=8, num_attention_heads=5,
+                  num_key_value_heads=1, head_dim=64),
+    "smoke": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=32),
+}
+HELD_OUT_EVERY = 40  # files whose path hash is 0 mod 40 are held out (~2.5%)
+
+
+def stdlib_files() -> list[str]:
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "encodings", "__pycache__"))
+        files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    return files
+
+
+def is_held_out(path: str) -> bool:
+    rel = os.path.relpath(path, sysconfig.get_paths()["stdlib"])
+    return zlib.crc32(rel.encode()) % HELD_OUT_EVERY == 0
+
+
+def read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (UnicodeDecodeError, OSError):
+        return None
+
+
+def model_config(size: str, vocab: int, seq_len: int, block: int) -> NLDConfig:
+    return NLDConfig(vocab_size=vocab, **SIZES[size], max_position_embeddings=4 * seq_len, rms_norm_eps=1e-5,
+                     rope=RopeConfig(theta=1e4, rope_type="yarn", factor=4.0, original_max_position_embeddings=seq_len,
+                                     beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                     llama_4_scaling_beta=0.1),
+                     mask_token_id=3, bos_token_id=1, eos_token_id=2, block_size=block)
+
+
+def calibrated_steps(step_fn, state, frozen, it, block_sizes, budget_s: float) -> tuple[int, object]:
+    """Time a few steps (after compilation) and turn the time budget into a step count."""
+    for _ in range(2):  # compile + warm
+        state, _ = step_fn(state, frozen, {k: jnp.asarray(v) for k, v in next(it).items()}, jnp.int32(block_sizes[0]))
+    jax.block_until_ready(state.trainable)
+    t = time.perf_counter()
+    n = 4
+    for i in range(n):
+        state, m = step_fn(state, frozen, {k: jnp.asarray(v) for k, v in next(it).items()},
+                           jnp.int32(block_sizes[i % len(block_sizes)]))
+    jax.block_until_ready(m)
+    per_step = (time.perf_counter() - t) / n
+    return max(int(budget_s / per_step), 10), state
+
+
+def evaluate(model_dir: str, held_out: list[str], prompt_len: int, new_tokens: int, n_prompts: int) -> dict:
+    """Held-out perplexity, TPF and tokens/s per mode, and greedy spec == greedy AR."""
+    model = nld_jax.load(model_dir)
+    tok = model.tokenizer
+    rng = np.random.default_rng(0)
+    prompts, ppl_rows = [], []
+    for path in held_out:
+        text = read(path)
+        if not text:
+            continue
+        ids = tok.encode(text)
+        if len(ids) < prompt_len + new_tokens + 8:
+            continue
+        start = int(rng.integers(1, len(ids) - prompt_len - new_tokens))
+        prompts.append([tok.bos_id] + ids[start:start + prompt_len - 1])
+        ppl_rows.append(ids[:min(len(ids), model.config.max_position_embeddings)])
+        if len(prompts) == n_prompts:
+            break
+    # held-out AR perplexity over whole-file prefixes (one forward each)
+    nll, count = 0.0, 0
+    for ids in ppl_rows:
+        logits = np.asarray(nld_jax.forward(model, [ids]))[0, :-1]
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        nll += float((logz - logits[np.arange(len(ids) - 1), ids[1:]]).sum())
+        count += len(ids) - 1
+    report = {"held_out_files": len(held_out), "eval_prompts": len(prompts), "prompt_len": prompt_len,
+              "new_tokens": new_tokens, "ar_perplexity": float(np.exp(nll / count)), "ppl_tokens": count}
+    settings = {
+        "ar": dict(mode="ar"),
+        "diffusion_b8_t0.9": dict(mode="diffusion", block_length=8, threshold=0.9),
+        "diffusion_b32_t0.9": dict(mode="diffusion", block_length=32, threshold=0.9),
+        "spec_b32": dict(mode="spec", block_length=32),
+        "spec_b32_lora": dict(mode="spec", block_length=32, use_lora=True),
+        "spec_b8": dict(mode="spec", block_length=8),
+    }
+    outputs = {}
+    for name, kw in settings.items():
+        if kw.get("use_lora") and model.lora is None:
+            continue
+        nld_jax.generate(model, prompts[:1], max_new_tokens=new_tokens, **kw)  # compile
+        tokens = nfe = 0
+        seconds = 0.0
+        rows = []
+        for p in prompts:  # batch 1, as the speed goals are stated
+            out = nld_jax.generate(model, [p], max_new_tokens=new_tokens, **kw)
+            tokens += len(out.tokens[0])
+            nfe += out.nfe[0]
+            seconds += out.seconds
+            rows.append(out.tokens[0])
+        outputs[name] = rows
+        report[name] = {"tpf": tokens / nfe, "tokens_per_second": tokens / seconds, "tokens": tokens, "nfe": nfe}
+        print(f"  {name:<20} TPF {tokens / nfe:5.2f}   {tokens / seconds:7.1f} tokens/s", flush=True)
+    for name in ("spec_b32", "spec_b32_lora", "spec_b8"):
+        if name in outputs:
+            same = all(s[:len(a)] == a[:len(s)] for s, a in zip(outputs[name], outputs["ar"]))
+            report[f"{name}_equals_ar"] = same
+    return report
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--work", default=None, help="scratch directory (training checkpoints, logs)")
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--minutes", type=float, default=50.0, help="time budget of the base training")
+    p.add_argument("--lora-minutes", type=float, default=8.0, help="time budget of the draft-LoRA training")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--block-sizes", default="8,16,32")
+    p.add_argument("--compute-dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    p.add_argument("--eval-prompts", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    work = args.work or args.out + ".work"
+    os.makedirs(work, exist_ok=True)
+    block_sizes = tuple(int(b) for b in args.block_sizes.split(","))
+
+    files = stdlib_files()
+    train_files = [f for f in files if not is_held_out(f)]
+    held_out = [f for f in files if is_held_out(f)]
+    print(f"corpus: {len(train_files)} training files, {len(held_out)} held out", flush=True)
+    texts = [t for t in map(read, train_files) if t]
+    tok_dir = os.path.join(work, "tokenizer")
+    tok = train_bpe_tokenizer(texts, args.vocab, tok_dir, model_max_length=4 * args.seq_len)
+    encoded = [e.ids for e in tok._backend.encode_batch(texts, add_special_tokens=False)]
+    rows = pack_documents(encoded, args.seq_len, tok.bos_id, tok.eos_id)
+    print(f"tokens: {rows.size / 1e6:.1f}M in {rows.shape[0]} rows of {args.seq_len}", flush=True)
+
+    config = model_config(args.size, tok.vocab_size, args.seq_len, block=max(block_sizes))
+    print(f"model: {config.num_params() / 1e6:.1f}M parameters", flush=True)
+    params = init_params(config, jax.random.PRNGKey(args.seed), jnp.float32, std=0.02)
+    train = TrainConfig(mode="pretrain", loss=LossConfig(dlm_weight=0.3), compute_dtype=args.compute_dtype,
+                        block_sizes=block_sizes)
+
+    # Calibrate the step count to the time budget with a throwaway optimiser, then train for real.
+    probe_opt = make_optimizer(OptimConfig(lr=args.lr, total_steps=100))
+    probe = make_train_step(config, train, probe_opt)
+    it = batches({"tokens": rows}, args.batch, seed=args.seed)
+    total, _ = calibrated_steps(probe, init_state(jax.tree.map(jnp.copy, params), probe_opt), None, it, block_sizes,
+                                args.minutes * 60)
+    opt_cfg = OptimConfig(lr=args.lr, total_steps=total, warmup_steps=min(200, total // 10), schedule="wsd")
+    optimizer = make_optimizer(opt_cfg)
+    step = make_train_step(config, train, optimizer)
+    ckpt = CheckpointIO(os.path.join(work, "base_ckpt"))
+    state = init_state(params, optimizer, seed=args.seed)
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(state)
+        print(f"resumed at step {int(state.step)}", flush=True)
+    print(f"base training: {total} steps of {args.batch}x{args.seq_len} tokens", flush=True)
+    t0 = time.perf_counter()
+    state = train_loop(step, state, None, batches({"tokens": rows}, args.batch, seed=args.seed,
+                                                  start_step=int(state.step)),
+                       total, block_sizes, log_path=os.path.join(work, "base_log.jsonl"), checkpoint=ckpt,
+                       checkpoint_every=max(total // 5, 50), schedule=make_schedule(opt_cfg), seed=args.seed)
+    base_seconds = time.perf_counter() - t0
+    ckpt.close()
+    params = state.trainable
+
+    lora = None
+    lora_seconds = 0.0
+    if args.lora_minutes > 0:
+        alpha = 4.0 * args.lora_rank  # scale alpha / r = 4, as NVIDIA's adapter
+        lora0 = init_lora(config, jax.random.PRNGKey(args.seed + 1), args.lora_rank, alpha)
+        lora_train = TrainConfig(mode="lora", compute_dtype=args.compute_dtype, block_sizes=(8, 16, 32))
+        probe_opt = make_optimizer(OptimConfig(lr=1e-3, total_steps=100, weight_decay=0.0))
+        probe = make_train_step(config, lora_train, probe_opt, lora_scale=4.0)
+        trainable = {"A": lora0["A"], "B": lora0["B"]}
+        lit = batches({"tokens": rows}, args.batch, seed=args.seed + 7)
+        lora_total, _ = calibrated_steps(probe, init_state(jax.tree.map(jnp.copy, trainable), probe_opt), params,
+                                         lit, (8, 16, 32), args.lora_minutes * 60)
+        lora_opt_cfg = OptimConfig(lr=1e-3, total_steps=lora_total, warmup_steps=min(50, lora_total // 10),
+                                   schedule="cosine", weight_decay=0.0)
+        lora_opt = make_optimizer(lora_opt_cfg)
+        lstep = make_train_step(config, lora_train, lora_opt, lora_scale=4.0)
+        print(f"draft-LoRA training: {lora_total} steps", flush=True)
+        t0 = time.perf_counter()
+        lstate = train_loop(lstep, init_state(trainable, lora_opt, seed=args.seed + 1), params, lit, lora_total,
+                            (8, 16, 32), log_path=os.path.join(work, "lora_log.jsonl"),
+                            schedule=make_schedule(lora_opt_cfg), seed=args.seed + 1)
+        lora_seconds = time.perf_counter() - t0
+        lora = {**lstate.trainable, "scale": jnp.float32(4.0)}
+
+    save_hf_checkpoint(args.out, config, params, lora=lora, tokenizer_dir=tok_dir)
+    with open(os.path.join(args.out, "held_out_files.json"), "w") as f:
+        root = sysconfig.get_paths()["stdlib"]
+        json.dump({"python": sys.version.split()[0], "rule": f"crc32(relative path) % {HELD_OUT_EVERY} == 0",
+                   "files": [os.path.relpath(h, root) for h in held_out]}, f, indent=1)
+    print("evaluating on held-out prompts:", flush=True)
+    report = evaluate(args.out, held_out, prompt_len=64, new_tokens=128, n_prompts=args.eval_prompts)
+    report.update({"parameters": config.num_params(), "train_tokens": int(rows.size),
+                   "tokens_seen": int(total * args.batch * args.seq_len), "base_steps": total,
+                   "base_minutes": round(base_seconds / 60, 1), "lora_minutes": round(lora_seconds / 60, 1),
+                   "config": dataclasses.asdict(config), "args": vars(args)})
+    with open(os.path.join(args.out, "train_report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("config", "args")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

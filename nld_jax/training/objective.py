@@ -1,0 +1,159 @@
+"""NLD's joint AR + block-diffusion training objective (NLD_SPEC.md sections 4 and 6).
+
+The encoder input is ``[x_t (noisy, L) | x_0 (clean, L)]``. RoPE uses positions ``0..L-1`` for
+each half; the llama-4 query scale uses ``0..2L-1`` (NVIDIA's behaviour). The ``block_diff``
+mask lets the noisy half see its own block and strictly earlier clean blocks, and the clean
+half see itself causally. The noisy half yields unshifted diffusion logits (position i predicts
+token i); the clean half yields causal logits (position i predicts token i+1).
+
+Losses follow NVIDIA's HF forward: ``loss_sum = dlm_weight * sum_masked CE / p + ar_weight *
+sum CE_ar`` and ``loss_count = n_masked + int(ar_weight * L)`` (L, not B*L: NVIDIA's formula),
+and training minimises ``loss_sum / loss_count``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from nld_jax.config import NLDConfig
+from nld_jax.model import embed, lm_head, rms_norm, scan_layers
+from nld_jax.rope import llama4_query_scale, rope_cos_sin
+
+__all__ = ["LossConfig", "block_diff_mask", "block_diff_attention", "mask_tokens", "train_hidden",
+           "nld_loss", "draft_loss", "draft_mask"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    dlm_weight: float = 0.3  # alpha; the shipped config has dlm_loss_weight null: 0.3 is NVIDIA's recipe
+    ar_weight: float = 1.0
+    eps: float = 1e-3  # p = (1 - eps) * t + eps
+    remat: bool = False  # recompute layer activations in the backward pass (memory for compute)
+
+
+def block_diff_mask(L: int, block_size) -> jax.Array:
+    """``[2L, 2L]`` bool: may query i attend to key j in the ``[noisy | clean]`` layout.
+
+    ``block_size`` may be a traced scalar, so one compiled train step serves every block size.
+    """
+    idx = jnp.arange(2 * L)
+    clean = idx >= L
+    blk = (idx % L) // block_size
+    q_clean, k_clean = clean[:, None], clean[None, :]
+    q_blk, k_blk = blk[:, None], blk[None, :]
+    noisy_noisy = ~q_clean & ~k_clean & (q_blk == k_blk)
+    noisy_clean = ~q_clean & k_clean & (q_blk > k_blk)
+    clean_clean = q_clean & k_clean & (idx[:, None] >= idx[None, :])
+    return noisy_noisy | noisy_clean | clean_clean
+
+
+def block_diff_attention(q, k, v, mask):
+    """Dense masked attention, GQA by query grouping, float32 softmax.
+
+    ``q [B, T, H, Dh]``, ``k, v [B, T, K, Dh]``, ``mask [T, T]``. Every query row has at least
+    one visible key (its own position), so no row is fully masked.
+    """
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, Dh)
+    s = jnp.einsum("btkgd,bukd->bkgtu", qg, k, preferred_element_type=jnp.float32) / (Dh ** 0.5)
+    s = jnp.where(mask, s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgtu,bukd->btkgd", p, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, Dh).astype(q.dtype)
+
+
+def mask_tokens(key: jax.Array, tokens: jax.Array, eps: float, loss_mask: jax.Array | None = None):
+    """NVIDIA's forward process: per row ``t ~ U(0,1)``, ``p = (1-eps) t + eps``, each token masked
+    with probability p; tokens outside ``loss_mask`` (SFT prompts) are never masked.
+
+    Returns ``(masked [B, L] bool, p_mask [B, L] float32)``.
+    """
+    kt, km = jax.random.split(key)
+    B, L = tokens.shape
+    t = jax.random.uniform(kt, (B,))
+    p = jnp.broadcast_to(((1 - eps) * t + eps)[:, None], (B, L))
+    masked = jax.random.uniform(km, (B, L)) < p
+    if loss_mask is not None:
+        masked = masked & (loss_mask > 0)
+    return masked, p
+
+
+def train_hidden(params, config: NLDConfig, noisy: jax.Array, clean: jax.Array, block_size, *, lora=None,
+                 remat: bool = False, attention=block_diff_attention):
+    """Final hidden states ``[B, 2L, D]`` of the ``[noisy | clean]`` layout."""
+    B, L = clean.shape
+    tokens = jnp.concatenate([noisy, clean], axis=1)
+    dtype = params["embed_tokens"].dtype
+    rope_pos = jnp.broadcast_to(jnp.concatenate([jnp.arange(L), jnp.arange(L)])[None], (B, 2 * L))
+    cos, sin = rope_cos_sin(config, rope_pos, dtype)
+    q_scale = llama4_query_scale(config, jnp.broadcast_to(jnp.arange(2 * L)[None], (B, 2 * L)))
+    mask = block_diff_mask(L, block_size)
+
+    def attend(q, k, v, _):
+        return attention(q, k, v, mask)
+
+    x, _ = scan_layers(params, config, embed(params, tokens), cos, sin, q_scale, attend, None, lora, remat)
+    return rms_norm(x, params["norm"], config.rms_norm_eps)
+
+
+def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    return logz - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def nld_loss(params, config: NLDConfig, tokens: jax.Array, masked: jax.Array, p_mask: jax.Array, block_size,
+             loss: LossConfig = LossConfig(), ar_mask: jax.Array | None = None):
+    """NVIDIA's joint objective on ``tokens [B, L]`` with the given masking.
+
+    ``ar_mask [B, L]`` (optional, SFT) marks the tokens that count as AR targets (position i's
+    target is token i+1, so ``ar_mask[:, 1:]`` weighs the shifted CE).
+    Returns ``(loss_sum, loss_count, aux)``; ``aux`` holds the logits and the loss parts.
+    """
+    B, L = tokens.shape
+    noisy = jnp.where(masked, config.mask_token_id, tokens)
+    hidden = train_hidden(params, config, noisy, tokens, block_size, remat=loss.remat)
+    logits = lm_head(params, config, hidden[:, :L])
+    causal_logits = lm_head(params, config, hidden[:, L:])
+    ce_diff = _cross_entropy(logits, tokens)
+    diff_sum = jnp.sum(jnp.where(masked, ce_diff / p_mask, 0.0))
+    ce_ar = _cross_entropy(causal_logits[:, :-1], tokens[:, 1:])
+    if ar_mask is not None:
+        ce_ar = ce_ar * ar_mask[:, 1:]
+    ar_sum = jnp.sum(ce_ar)
+    n_masked = jnp.sum(masked)
+    loss_sum = loss.dlm_weight * diff_sum + loss.ar_weight * ar_sum
+    loss_count = n_masked + int(loss.ar_weight * L)
+    aux = {"logits": logits, "causal_logits": causal_logits, "diffusion_sum": diff_sum, "ar_sum": ar_sum,
+           "n_masked": n_masked}
+    return loss_sum, loss_count, aux
+
+
+def draft_mask(L: int, block_size) -> jax.Array:
+    """The self-speculation draft: in every block, the first token is known, the rest masked."""
+    return (jnp.arange(L) % block_size) != 0
+
+
+def draft_loss(lora, params, config: NLDConfig, tokens: jax.Array, block_size, remat: bool = False,
+               loss_mask: jax.Array | None = None):
+    """Draft-LoRA objective: mean CE of the bidirectional draft (adapter on) at masked slots.
+
+    As at inference, the adapter runs on the noisy (draft) half only; the clean half, which
+    plays the role of the causal KV cache, is computed without it.
+    """
+    B, L = tokens.shape
+    masked = jnp.broadcast_to(draft_mask(L, block_size)[None], (B, L))
+    if loss_mask is not None:
+        masked = masked & (loss_mask > 0)
+    noisy = jnp.where(masked, config.mask_token_id, tokens)
+    gate = jnp.broadcast_to(jnp.concatenate([jnp.ones((L,)), jnp.zeros((L,))])[None], (B, 2 * L))
+    gated = {**lora, "token_gate": gate.astype(jnp.float32)}
+    hidden = train_hidden(params, config, noisy, tokens, block_size, lora=gated, remat=remat)
+    logits = lm_head(params, config, hidden[:, :L])
+    ce = _cross_entropy(logits, tokens)
+    n = jnp.maximum(jnp.sum(masked), 1)
+    accuracy = jnp.sum((jnp.argmax(logits, -1) == tokens) & masked) / n
+    return jnp.sum(jnp.where(masked, ce, 0.0)) / n, {"draft_accuracy": accuracy}

@@ -1,0 +1,183 @@
+"""The jitted train step, Orbax training checkpoints with resume, and the training loop.
+
+Three modes share one step function:
+
+* ``pretrain``: NVIDIA's joint AR + block-diffusion objective on packed text;
+* ``sft``: the same objective with a loss mask (prompt tokens are never masked nor AR targets);
+* ``lora``: only the draft LoRA trains, on the bidirectional draft objective; the base model is
+  a frozen argument of the step (not part of the optimiser state).
+
+Master weights stay float32; ``compute_dtype=bfloat16`` casts them for the forward/backward
+pass (mixed precision; softmax, norms and logits stay float32 inside the model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nld_jax.config import NLDConfig
+from nld_jax.training.objective import LossConfig, draft_loss, mask_tokens, nld_loss
+
+__all__ = ["TrainConfig", "TrainState", "make_train_step", "init_state", "CheckpointIO", "train_loop"]
+
+MODES = ("pretrain", "sft", "lora")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    mode: str = "pretrain"
+    loss: LossConfig = LossConfig()
+    compute_dtype: str = "float32"  # or "bfloat16" (mixed precision)
+    block_sizes: tuple[int, ...] = (32,)  # one is drawn per step (NVIDIA: 64 pretraining, 32 SFT)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown training mode {self.mode!r}; choose one of {MODES}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: Any  # base params (pretrain/sft) or {"A", "B"} (lora)
+    opt_state: Any
+    key: jax.Array
+
+
+def init_state(trainable, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable), jax.random.PRNGKey(seed))
+
+
+def _global_norm(tree):
+    norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5; global_norm is deprecated
+    return norm(tree) if norm is not None else optax.global_norm(tree)
+
+
+def _cast(tree, dtype: str):
+    if dtype == "float32":
+        return tree
+    return jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, tree)
+
+
+def make_train_step(config: NLDConfig, train: TrainConfig, optimizer: optax.GradientTransformation,
+                    lora_scale: float | None = None, in_shardings=None, out_shardings=None) -> Callable:
+    """``step(state, frozen, batch, block_size) -> (state, metrics)``, jitted, state donated.
+
+    ``batch`` holds ``tokens [B, L]`` and, for SFT, ``loss_mask [B, L]``. ``frozen`` is the base
+    model in ``lora`` mode and None otherwise. Shardings, when given, are passed to ``jax.jit``.
+    """
+
+    def loss_fn(trainable, frozen, batch, block_size, key):
+        tokens, loss_mask = batch["tokens"], batch.get("loss_mask")
+        if train.mode == "lora":
+            lora = {**_cast(trainable, "float32"), "scale": jnp.float32(lora_scale)}
+            loss, metrics = draft_loss(lora, _cast(frozen, train.compute_dtype), config, tokens, block_size,
+                                       train.loss.remat, loss_mask)
+            return loss, metrics
+        masked, p_mask = mask_tokens(key, tokens, train.loss.eps, loss_mask)
+        loss_sum, count, aux = nld_loss(_cast(trainable, train.compute_dtype), config, tokens, masked, p_mask,
+                                        block_size, train.loss, ar_mask=loss_mask)
+        n_masked = jnp.maximum(aux["n_masked"], 1)
+        B, L = tokens.shape
+        n_ar = B * (L - 1) if loss_mask is None else jnp.maximum(jnp.sum(loss_mask[:, 1:]), 1)
+        metrics = {"diffusion_per_token": aux["diffusion_sum"] / n_masked, "ar_per_token": aux["ar_sum"] / n_ar,
+                   "masked_fraction": aux["n_masked"] / tokens.size}
+        return loss_sum / count, metrics
+
+    def step(state: TrainState, frozen, batch, block_size):
+        key, sub = jax.random.split(state.key)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, frozen, batch,
+                                                                          block_size, sub)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": _global_norm(grads)}
+        return TrainState(state.step + 1, trainable, opt_state, key), metrics
+
+    return jax.jit(step, donate_argnums=(0,), in_shardings=in_shardings, out_shardings=out_shardings)
+
+
+class CheckpointIO:
+    """Orbax training checkpoints (state only; the frozen base model is reloaded from its source)."""
+
+    def __init__(self, directory: str, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState) -> None:
+        self.manager.save(int(state.step), args=self._ocp.args.StandardSave(state))
+
+    def restore(self, like: TrainState) -> TrainState:
+        abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, like)
+        return self.manager.restore(self.latest_step(), args=self._ocp.args.StandardRestore(abstract))
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _to_python(metrics) -> dict:
+    return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def train_loop(step_fn: Callable, state: TrainState, frozen, batch_iter: Iterator[dict], total_steps: int,
+               block_sizes: tuple[int, ...], *, log_path: str | None = None, checkpoint: CheckpointIO | None = None,
+               checkpoint_every: int = 500, log_every: int = 10, seed: int = 0,
+               schedule: Callable | None = None, progress: bool = True,
+               stop_after_seconds: float | None = None) -> TrainState:
+    """Run ``step_fn`` until ``total_steps``, logging JSON lines and checkpointing periodically.
+
+    The block size of each step is drawn from ``block_sizes`` by a generator seeded with the step
+    number, so a resumed run draws the same sequence.
+    """
+    from tqdm import tqdm
+
+    log = open(log_path, "a") if log_path else None
+    start_step = int(state.step)
+    bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
+    t0, tokens_seen = time.perf_counter(), 0
+    try:
+        for step in range(start_step, total_steps):
+            batch = next(batch_iter)
+            block = int(np.random.default_rng(seed * 1_000_003 + step).choice(block_sizes))
+            state, metrics = step_fn(state, frozen, {k: jnp.asarray(v) for k, v in batch.items()}, jnp.int32(block))
+            tokens_seen += batch["tokens"].size
+            done = step + 1
+            if done % log_every == 0 or done == total_steps:
+                m = _to_python(metrics)
+                elapsed = time.perf_counter() - t0
+                record = {"step": done, **{k: round(v, 5) for k, v in m.items()}, "block_size": block,
+                          "lr": float(schedule(step)) if schedule else None,
+                          "tokens_per_second": round(tokens_seen / elapsed, 1), "elapsed": round(elapsed, 1)}
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+            bar.update(1)
+            if checkpoint is not None and (done % checkpoint_every == 0 or done == total_steps):
+                checkpoint.save(state)
+            if stop_after_seconds is not None and time.perf_counter() - t0 > stop_after_seconds:
+                if checkpoint is not None:
+                    checkpoint.save(state)
+                break
+    finally:
+        bar.close()
+        if log:
+            log.close()
+        if checkpoint is not None:
+            checkpoint.manager.wait_until_finished()
+    return state
