@@ -1,0 +1,193 @@
+"""Block attention over the KV cache: the Pallas TPU (Mosaic) kernel.
+
+Grid ``(B, K, query-row tiles, cache tiles + block tiles)``; the last axis walks the key axis
+``[cache | block]`` sequentially with an online softmax in float32 scratch (VMEM).
+
+* GQA: the G query heads of a KV head are rows of one matmul (``queries_as_rows``), so every
+  K/V tile is fetched once per KV head, never repeated.
+* Ragged lengths: ``cache_lengths`` is scalar-prefetched (SMEM). The cache index map clamps
+  the tile index to the row's last valid tile, so the pipeline re-requests the tile it already
+  holds and issues no DMA for tiles past the length; ``pl.when`` skips their compute. Causal
+  query tiles likewise stop at the block tile of their last position.
+* The cache is read as ``[B, S, K*Dh]`` (a free reshape) so a ``(block_kv, Dh)`` tile of one
+  head is a strided DMA with Dh on the lanes; on real TPUs Dh must be a multiple of 128
+  (``supported``), which NLD's 128 is. The interpreter has no such constraint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels._common import (NEG_INF, cdiv, check_block_attention_args, idiv, matmul_precision,
+                                    queries_as_rows, round_up, rows_as_queries)
+from pallas_kernels.block_attention.masks import CacheBlockMask
+
+__all__ = ["TpuBlockSizes", "block_attention_tpu", "supported_tpu"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuBlockSizes:
+    """Tile sizes (upper bounds: a tile never exceeds its axis). Multiples of 16 suit bf16."""
+
+    block_q: int = 256  # query rows (block positions x G heads) per tile
+    block_kv: int = 512  # cache slots per tile
+    block_kv_new: int = 256  # block keys per tile
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv", "block_kv_new"):
+            if getattr(self, name) < 8 or getattr(self, name) % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8, got {getattr(self, name)}")
+
+
+def supported_tpu(head_dim: int) -> bool:
+    """Shapes the compiled TPU kernel handles (the interpreter handles every shape)."""
+    return head_dim % 128 == 0
+
+
+def _online_softmax_step(q_ref, k_ref, v_ref, visible, key_ok, m_ref, l_ref, acc_ref, scale):
+    """Fold one key tile into the running (max, sum, accumulator) of every query row."""
+    q, k = q_ref[...], k_ref[...]
+    precision = matmul_precision(q.dtype)
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                        preferred_element_type=jnp.float32) * scale
+    s = jnp.where(visible, s, NEG_INF)
+    m_prev = m_ref[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    # A row with nothing visible yet keeps m = -inf; shifting by 0 instead keeps exp() NaN-free.
+    m_shift = jnp.where(m_new == NEG_INF, 0.0, m_new)
+    alpha = jnp.exp(m_prev - m_shift)
+    p = jnp.exp(s - m_shift)
+    # Slots past a row's length may hold anything (stale entries, padding): zero them so that
+    # p = 0 never meets a NaN.
+    v = jnp.where(key_ok, v_ref[...], jnp.zeros((), v_ref.dtype))
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
+    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+    acc_ref[...] = alpha * acc_ref[...] + pv
+    m_ref[...] = m_new
+
+
+def _kernel(lengths_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, *refs, mask: CacheBlockMask, T: int,
+            S: int, G: int, bq: int, bk: int, bkn: int, n_cache: int, n_block: int, scale: float):
+    o_ref, m_ref, l_ref, acc_ref = refs[-4:]  # an aliased poison input may precede them
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    length = lengths_ref[b]
+    row_t = idiv(i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0), G)  # block position of each row
+    step = functools.partial(_online_softmax_step, q_ref, m_ref=m_ref, l_ref=l_ref, acc_ref=acc_ref,
+                             scale=scale)
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, NEG_INF, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when((j < n_cache) & (j < mask.cache_tiles(length, bk)))
+    def _cache_tile():
+        slot = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        slot_col = j * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)  # the same slots, as rows of V
+        # Slots of a ragged last tile past S are padding, not block keys: `slot < S` says so.
+        step(ck_ref, cv_ref, mask(row_t, slot, length, S) & (slot < S), slot_col < length)
+
+    jb = j - n_cache
+
+    @pl.when((j >= n_cache) & (jb < mask.block_tiles(i * bq, bq, G, T, bkn)))
+    def _block_tile():
+        u = jb * bkn + lax.broadcasted_iota(jnp.int32, (1, bkn), 1)
+        u_col = jb * bkn + lax.broadcasted_iota(jnp.int32, (bkn, 1), 0)
+        # The last tile may run past T: those columns are padding, masked and zeroed.
+        step(kn_ref, vn_ref, mask(row_t, S + u, length, S) & (u < T), u_col < T)
+
+    @pl.when(j == n_cache + n_block - 1)
+    def _finish():
+        l = l_ref[...]
+        o_ref[...] = (acc_ref[...] / jnp.where(l == 0, 1.0, l)).astype(o_ref.dtype)
+
+
+def block_attention_tpu(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool,
+                        sizes: TpuBlockSizes | None = None, interpret=False, poison: bool = False):
+    """``nld_jax.attention`` semantics (see ``reference.block_attention_reference``).
+
+    ``interpret``: False (compile for TPU), True (the Pallas HLO interpreter, any backend) or a
+    ``pltpu.InterpretParams``. ``poison``: start the output from NaN (aliased), so a tile the
+    kernel forgot to write shows up in tests on real hardware too.
+    """
+    B, T, H, K, Dh, S = check_block_attention_args(q, k, v, cache_k, cache_v, cache_lengths)
+    sizes = sizes or TpuBlockSizes()
+    G = H // K
+    lengths = jnp.clip(jnp.asarray(cache_lengths, jnp.int32), 0, S)
+    if S == 0:  # no cache at all (a prefill from scratch): one empty tile keeps shapes legal
+        S = 8
+        cache_k = jnp.zeros((B, S, K, Dh), k.dtype)
+        cache_v = jnp.zeros((B, S, K, Dh), v.dtype)
+    rows = T * G
+    # A tile either spans its whole axis or is a multiple of 8 (of 16 for packed bf16 rows): the
+    # block shapes Mosaic accepts. Query rows are padded here, so they can always be whole tiles.
+    bq = min(sizes.block_q, round_up(rows, 16))
+    bk = S if S <= sizes.block_kv else sizes.block_kv
+    # The block's own keys: short blocks are zero-padded to one 16-row tile (a 1-key matmul, the
+    # AR step, does not lower for bf16; padded keys are masked like a ragged tile's).
+    bkn = round_up(T, 16) if T <= sizes.block_kv_new else sizes.block_kv_new
+    rows_padded = round_up(rows, bq)
+    n_q, n_cache, n_block = rows_padded // bq, cdiv(S, bk), cdiv(T, bkn)
+    mask = CacheBlockMask(causal)
+
+    q_rows = queries_as_rows(q, K, rows_padded)  # [B, K, Rp, Dh]
+    # Free reshapes: one head's (tile, Dh) block is then a 2-D strided window.
+    ck, cv = cache_k.astype(k.dtype).reshape(B, S, K * Dh), cache_v.astype(v.dtype).reshape(B, S, K * Dh)
+    pad_keys = ((0, 0), (0, max(bkn - T, 0)), (0, 0), (0, 0))
+    kn, vn = (jnp.pad(x, pad_keys).reshape(B, -1, K * Dh) for x in (k, v))
+
+    def q_map(b, h, i, j, lengths_ref):
+        return b, h, i, 0
+
+    def cache_map(b, h, i, j, lengths_ref):
+        last = jnp.maximum(mask.cache_tiles(lengths_ref[b], bk) - 1, 0)
+        return b, jnp.minimum(j, last), h
+
+    def block_map(b, h, i, j, lengths_ref):
+        last = mask.block_tiles(i * bq, bq, G, T, bkn) - 1
+        return b, jnp.clip(j - n_cache, 0, last), h
+
+    in_specs = [
+        pl.BlockSpec((None, None, bq, Dh), q_map),
+        pl.BlockSpec((None, bk, Dh), cache_map),
+        pl.BlockSpec((None, bk, Dh), cache_map),
+        pl.BlockSpec((None, bkn, Dh), block_map),
+        pl.BlockSpec((None, bkn, Dh), block_map),
+    ]
+    operands = [lengths, q_rows, ck, cv, kn, vn]
+    out_shape = jax.ShapeDtypeStruct((B, K, rows_padded, Dh), q.dtype)
+    aliases = {}
+    if poison:
+        in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
+        operands.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
+        aliases = {len(operands) - 1: 0}  # operand indices count the scalar-prefetch operand
+
+    kernel = functools.partial(_kernel, mask=mask, T=T, S=S, G=G, bq=bq, bk=bk, bkn=bkn, n_cache=n_cache,
+                               n_block=n_block, scale=1.0 / Dh ** 0.5)
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(B, K, n_q, n_cache + n_block),
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((None, None, bq, Dh), q_map),
+            scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                            pltpu.VMEM((bq, Dh), jnp.float32)],
+        ),
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+        name="nld_block_attention",
+    )(*operands)
+    return rows_as_queries(out, T, H)

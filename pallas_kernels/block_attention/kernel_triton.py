@@ -1,0 +1,173 @@
+"""Block attention over the KV cache: the Pallas Triton (GPU) kernel, split over the key axis.
+
+A decode step has few programs' worth of queries (``B * K`` row tiles), far fewer than an
+H100's 132 SMs, so the key axis ``[cache | block]`` of every row is also cut into
+``num_splits`` ranges (flash-decoding). Each program runs an online softmax over its range and
+writes an unnormalised ``(acc, max, sum)`` partial; :func:`merge_partials` folds them.
+
+* Ranges are cut per row from that row's own tile count (``cdiv(length, block_kv)`` cache
+  tiles plus the block tiles its queries need), so loops are bounded by the length and tiles
+  past it are never loaded: short rows simply finish early.
+* GQA: the G query heads of a KV head are rows of one ``tl.dot`` (``queries_as_rows``).
+* Loads past the valid range are masked (``other=0``), which also keeps padded garbage out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import (NEG_INF, cdiv, check_block_attention_args, idiv, matmul_precision,
+                                    merge_partials, next_pow2, queries_as_rows, round_up, rows_as_queries)
+from pallas_kernels.block_attention.masks import CacheBlockMask
+
+__all__ = ["TritonBlockSizes", "block_attention_triton", "supported_triton"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonBlockSizes:
+    """Tile sizes (powers of two, >= 16 for ``tl.dot``) and launch settings."""
+
+    # Query rows per program (cut to the problem). 128 holds a whole C=32 block of 4 heads, so
+    # each K/V tile is read once per KV head rather than once per row tile.
+    block_q: int = 128
+    block_kv: int = 64  # cache slots per loop step
+    block_kv_new: int = 32  # block keys per loop step
+    num_splits: int | None = None  # key-axis ranges per row tile; None: fill ~2 waves of SMs
+    num_warps: int | None = None  # None: 4, or 8 when a program holds more than 64 query rows
+    num_stages: int = 2
+    target_programs: int = 264  # 2 x the 132 SMs of an H100
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv", "block_kv_new"):
+            size = getattr(self, name)
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {size}")
+
+
+def supported_triton(head_dim: int) -> bool:
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def _kernel(len_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, *refs, mask: CacheBlockMask, T: int, S: int,
+            G: int, bq: int, bk: int, bkn: int, n_splits: int, scale: float):
+    from jax.experimental.pallas import triton as pl_triton
+
+    acc_ref, m_ref, l_ref = refs[-3:]  # aliased poison inputs may precede them
+    i, split = pl.program_id(2), pl.program_id(3)
+    length = len_ref[...]
+    q = q_ref[...]
+    precision = matmul_precision(q.dtype)
+    row_t = idiv(i * bq + jnp.arange(bq, dtype=jnp.int32), G)
+
+    n_cache = mask.cache_tiles(length, bk)
+    total = n_cache + mask.block_tiles(i * bq, bq, G, T, bkn)
+    per_split = idiv(total + n_splits - 1, n_splits)
+    lo = jnp.minimum(split * per_split, total)
+    hi = jnp.minimum(lo + per_split, total)
+
+    def fold(carry, k_ref, v_ref, start, size, key_index, key_ok):
+        acc, m, l = carry
+        k = pl_triton.load(k_ref.at[pl.ds(start, size), :], mask=key_ok[:, None], other=0.0)
+        v = pl_triton.load(v_ref.at[pl.ds(start, size), :], mask=key_ok[:, None], other=0.0)
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32) * scale
+        visible = mask(row_t[:, None], key_index[None, :], length, S) & key_ok[None, :]
+        s = jnp.where(visible, s, NEG_INF)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_shift = jnp.where(m_new == NEG_INF, 0.0, m_new)  # rows with nothing visible yet
+        alpha = jnp.exp(m - m_shift)
+        p = jnp.exp(s - m_shift[:, None])
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+        return alpha[:, None] * acc + pv, m_new, alpha * l + jnp.sum(p, axis=1)
+
+    def cache_step(t, carry):
+        slots = t * bk + jnp.arange(bk, dtype=jnp.int32)
+        return fold(carry, ck_ref, cv_ref, t * bk, bk, slots, slots < length)
+
+    def block_step(t, carry):
+        u = t * bkn + jnp.arange(bkn, dtype=jnp.int32)
+        return fold(carry, kn_ref, vn_ref, t * bkn, bkn, S + u, u < T)
+
+    carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), NEG_INF, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    carry = lax.fori_loop(lo, jnp.minimum(hi, n_cache), cache_step, carry)
+    carry = lax.fori_loop(jnp.maximum(lo, n_cache) - n_cache, hi - n_cache, block_step, carry)
+    acc, m, l = carry
+    acc_ref[...] = acc
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _num_splits(sizes: TritonBlockSizes, programs: int, max_tiles: int) -> int:
+    if sizes.num_splits is not None:
+        return max(1, min(sizes.num_splits, max_tiles))
+    # Enough ranges to fill the GPU, but at least two tiles per range: partials cost HBM traffic.
+    return max(1, min(cdiv(sizes.target_programs, programs), max_tiles // 2))
+
+
+def block_attention_triton(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool,
+                           sizes: TritonBlockSizes | None = None, interpret=False, poison: bool = False):
+    """``nld_jax.attention`` semantics (see ``reference.block_attention_reference``)."""
+    from jax.experimental.pallas import triton as pl_triton  # deprecated backend: import on use
+
+    B, T, H, K, Dh, S = check_block_attention_args(q, k, v, cache_k, cache_v, cache_lengths)
+    if not supported_triton(Dh):
+        raise NotImplementedError(f"the Triton kernel needs a power-of-two head_dim >= 16, got {Dh}")
+    sizes = sizes or TritonBlockSizes()
+    G = H // K
+    lengths = jnp.clip(jnp.asarray(cache_lengths, jnp.int32), 0, S)
+    if S == 0:  # no cache at all: a dummy slot keeps the operand shapes legal; length 0 hides it
+        S = 1
+        cache_k = jnp.zeros((B, S, K, Dh), k.dtype)
+        cache_v = jnp.zeros((B, S, K, Dh), v.dtype)
+    rows = T * G
+    bq = min(sizes.block_q, max(16, next_pow2(rows)))
+    bk = min(sizes.block_kv, max(16, next_pow2(S)))
+    bkn = min(sizes.block_kv_new, max(16, next_pow2(T)))
+    rows_padded = round_up(rows, bq)
+    n_q = rows_padded // bq
+    n_splits = _num_splits(sizes, B * K * n_q, cdiv(S, bk) + cdiv(T, bkn))
+    q_rows = queries_as_rows(q, K, rows_padded)
+
+    full = lambda length: pl.BlockSpec((None, length, None, Dh), lambda b, h, i, s: (b, 0, h, 0))
+    in_specs = [
+        pl.BlockSpec((None,), lambda b, h, i, s: (b,)),
+        pl.BlockSpec((None, None, bq, Dh), lambda b, h, i, s: (b, h, i, 0)),
+        full(S), full(S), full(T), full(T),
+    ]
+    operands = [lengths, q_rows, cache_k.astype(k.dtype), cache_v.astype(v.dtype), k, v]
+    part_shapes = [jax.ShapeDtypeStruct((B, K, n_splits, rows_padded, Dh), jnp.float32),
+                   jax.ShapeDtypeStruct((B, K, n_splits, rows_padded), jnp.float32),
+                   jax.ShapeDtypeStruct((B, K, n_splits, rows_padded), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, None, None, bq, Dh), lambda b, h, i, s: (b, h, s, i, 0)),
+                 pl.BlockSpec((None, None, None, bq), lambda b, h, i, s: (b, h, s, i)),
+                 pl.BlockSpec((None, None, None, bq), lambda b, h, i, s: (b, h, s, i))]
+    aliases = {}
+    if poison:
+        for n, shape in enumerate(part_shapes):
+            in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
+            operands.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
+            aliases[len(operands) - 1] = n
+
+    kernel = functools.partial(_kernel, mask=CacheBlockMask(causal), T=T, S=S, G=G, bq=bq, bk=bk, bkn=bkn,
+                               n_splits=n_splits, scale=1.0 / Dh ** 0.5)
+    acc, m, l = pl.pallas_call(
+        kernel,
+        grid=(B, K, n_q, n_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=part_shapes,
+        input_output_aliases=aliases,
+        compiler_params=pl_triton.CompilerParams(num_warps=sizes.num_warps or (8 if bq > 64 else 4),
+                                                 num_stages=sizes.num_stages),
+        interpret=interpret,
+        name="nld_block_attention_triton",
+    )(*operands)
+    out = merge_partials(acc, m, l, axis=2).astype(q.dtype)
+    return rows_as_queries(out, T, H)

@@ -1,0 +1,118 @@
+"""The kernels inside the model: greedy decoding with ``kernels=<a Pallas implementation>`` gives
+the tokens of ``kernels="xla"`` in all three modes, and the GPU kernels lower for CUDA here."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import nld_jax
+from pallas_kernels.testing import GPU_ONLY
+
+
+def _prompts(cases):
+    ids = cases["prompts"]["batch"]["ids"]
+    return [ids[0][:20], ids[1][:13]]  # ragged rows: different cache lengths in every step
+
+
+def _generate(model, prompts, mode, kernels):
+    kwargs = {} if mode == "ar" else dict(block_length=8, threshold=0.9 if mode == "diffusion" else None)
+    out = nld_jax.generate(model, prompts, mode=mode, max_new_tokens=16, kernels=kernels,
+                           use_lora=mode == "spec", **kwargs)
+    return out.tokens, out.nfe
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
+def test_interpreted_kernels_decode_like_xla(tiny, cases, mode):
+    prompts = _prompts(cases)
+    assert _generate(tiny, prompts, mode, "pallas_interpret") == _generate(tiny, prompts, mode, "xla")
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
+@pytest.mark.parametrize("kernels", [pytest.param("pallas_triton", marks=GPU_ONLY),
+                                     pytest.param("pallas_mosaic_gpu", marks=GPU_ONLY)])
+def test_compiled_kernels_decode_like_xla(tiny, cases, mode, kernels):
+    # The tiny model's head_dim 32 sends pallas_mosaic_gpu's attention to its Triton fallback.
+    prompts = _prompts(cases)
+    assert _generate(tiny, prompts, mode, kernels) == _generate(tiny, prompts, mode, "xla")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
+def test_interpreted_triton_kernels_decode_like_xla(tiny, cases, mode):
+    prompts = _prompts(cases)
+    assert _generate(tiny, prompts, mode, "pallas_triton_interpret") == _generate(tiny, prompts, mode, "xla")
+
+
+# ------------------------------------------------------ compiled kernels, lowered on CPU
+# Lowering for "cuda" runs the whole Pallas -> Triton IR / Mosaic GPU -> NVVM pipeline without a
+# GPU, and lowering for "tpu" the Pallas -> Mosaic TPU one: block-shape, layout and
+# unsupported-primitive errors surface here, leaving the hardware sessions only what the final
+# compilers and the chips add.
+
+
+def _lower_for_cuda(fn, *args):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _lower_for_tpu(fn, *args):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+
+
+def _decode_args(B=2, T=32, H=32, K=8, Dh=128, S=1024, dtype=jnp.bfloat16):
+    shape = lambda *s: jax.ShapeDtypeStruct(s, dtype)
+    return (shape(B, T, H, Dh), shape(B, T, K, Dh), shape(B, T, K, Dh), shape(B, S, K, Dh), shape(B, S, K, Dh),
+            jax.ShapeDtypeStruct((B,), jnp.int32))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T", [1, 8, 32])
+def test_triton_attention_lowers_for_cuda(causal, T):
+    from pallas_kernels.block_attention.kernel_triton import block_attention_triton
+
+    assert "triton" in _lower_for_cuda(lambda *a: block_attention_triton(*a, causal=causal), *_decode_args(T=T))
+
+
+def test_triton_head_and_block_diff_lower_for_cuda():
+    from pallas_kernels.block_attention.block_diff_triton import (block_diff_backward_triton,
+                                                                  block_diff_forward_triton)
+    from pallas_kernels.block_attention.masks import BlockDiffMask
+    from pallas_kernels.verify.kernel_triton import greedy_head_triton
+
+    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    assert "triton" in _lower_for_cuda(greedy_head_triton, bf16(8, 32, 4096), bf16(4096, 131072))
+    mask = BlockDiffMask(512, 32)
+    q, kv = bf16(1, 1024, 32, 128), bf16(1, 1024, 8, 128)
+    assert "triton" in _lower_for_cuda(lambda *a: block_diff_forward_triton(*a, mask), q, kv, kv)
+    lse = jax.ShapeDtypeStruct((1, 32, 1024), jnp.float32)
+    assert "triton" in _lower_for_cuda(lambda *a: block_diff_backward_triton(*a, mask), q, kv, kv, q, lse, q)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T, B", [(8, 1), (32, 8), (1, 2)])
+def test_mosaic_gpu_attention_lowers_for_cuda(causal, T, B):
+    from pallas_kernels.block_attention.kernel_mgpu import block_attention_mgpu
+
+    assert "mosaic_gpu" in _lower_for_cuda(lambda *a: block_attention_mgpu(*a, causal=causal),
+                                           *_decode_args(B=B, T=T, S=2048))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_tpu_kernels_lower_for_tpu(causal):
+    from pallas_kernels.block_attention.block_diff_tpu import block_diff_backward_tpu, block_diff_forward_tpu
+    from pallas_kernels.block_attention.kernel_tpu import block_attention_tpu
+    from pallas_kernels.block_attention.masks import BlockDiffMask
+    from pallas_kernels.verify.kernel_tpu import greedy_head_tpu
+
+    for T, S in ((32, 2048), (1, 1000), (8, 0)):
+        assert "tpu_custom_call" in _lower_for_tpu(lambda *a: block_attention_tpu(*a, causal=causal),
+                                                   *_decode_args(T=T, S=S))
+    if causal:  # the mode-independent kernels once
+        bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+        assert "tpu_custom_call" in _lower_for_tpu(greedy_head_tpu, bf16(2, 32, 4096), bf16(4096, 131072))
+        mask = BlockDiffMask(512, 32)
+        q, kv = bf16(1, 1024, 32, 128), bf16(1, 1024, 8, 128)
+        lse = jax.ShapeDtypeStruct((1, 32, 1024, 1), jnp.float32)
+        assert "tpu_custom_call" in _lower_for_tpu(lambda *a: block_diff_forward_tpu(*a, mask), q, kv, kv)
+        assert "tpu_custom_call" in _lower_for_tpu(lambda *a: block_diff_backward_tpu(*a, mask), q, kv, kv, q, lse, q)
