@@ -14,6 +14,7 @@ and training minimises ``loss_sum / loss_count``.
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from nld_jax.config import NLDConfig
 from nld_jax.model import embed, lm_head, rms_norm, scan_layers
 from nld_jax.rope import llama4_query_scale, rope_cos_sin
 
-__all__ = ["LossConfig", "block_diff_mask", "block_diff_attention", "mask_tokens", "train_hidden",
+__all__ = ["LossConfig", "block_diff_visible", "block_diff_mask", "block_diff_attention", "mask_tokens", "train_hidden",
            "nld_loss", "draft_loss", "draft_mask"]
 
 
@@ -34,20 +35,32 @@ class LossConfig:
     remat: bool = False  # recompute layer activations in the backward pass (memory for compute)
 
 
-def block_diff_mask(L: int, block_size) -> jax.Array:
-    """``[2L, 2L]`` bool: may query i attend to key j in the ``[noisy | clean]`` layout.
+def block_diff_visible(q, k, L: int, block_size, xp=jnp, div=operator.floordiv, rem=operator.mod):
+    """The ``block_diff`` predicate on query / key indices of the ``[noisy | clean]`` layout.
 
-    ``block_size`` may be a traced scalar, so one compiled train step serves every block size.
+    With ``blk(i) = (i mod L) // b``: noisy q -> noisy k iff same block; noisy q -> clean k iff
+    ``blk(q) > blk(k)``; clean q -> clean k iff ``q >= k``; clean q -> noisy k never. ``xp`` is
+    ``jax.numpy`` (traced, e.g. a traced ``block_size``) or ``numpy`` (host-side tile tables);
+    kernels pass their own ``div`` / ``rem`` where ``//`` and ``%`` do not lower.
     """
-    idx = jnp.arange(2 * L)
-    clean = idx >= L
-    blk = (idx % L) // block_size
-    q_clean, k_clean = clean[:, None], clean[None, :]
-    q_blk, k_blk = blk[:, None], blk[None, :]
+    q_clean, k_clean = q >= L, k >= L
+    q_blk, k_blk = div(rem(q, L), block_size), div(rem(k, L), block_size)
     noisy_noisy = ~q_clean & ~k_clean & (q_blk == k_blk)
     noisy_clean = ~q_clean & k_clean & (q_blk > k_blk)
-    clean_clean = q_clean & k_clean & (idx[:, None] >= idx[None, :])
-    return noisy_noisy | noisy_clean | clean_clean
+    clean_clean = q_clean & k_clean & (q >= k)
+    return xp.asarray(noisy_noisy | noisy_clean | clean_clean)
+
+
+def block_diff_mask(L: int, block_size) -> jax.Array:
+    """``[2L, 2L]`` bool: may query i attend to key j. ``block_size`` may be traced, so one
+    compiled train step serves every block size."""
+    idx = jnp.arange(2 * L)
+    return block_diff_visible(idx[:, None], idx[None, :], L, block_size)
+
+
+def block_diff_attention_dense(q, k, v, block_size):
+    """The XLA path: dense ``block_diff`` mask (``block_size`` may be traced)."""
+    return block_diff_attention(q, k, v, block_diff_mask(q.shape[1] // 2, block_size))
 
 
 def block_diff_attention(q, k, v, mask):
@@ -83,18 +96,21 @@ def mask_tokens(key: jax.Array, tokens: jax.Array, eps: float, loss_mask: jax.Ar
 
 
 def train_hidden(params, config: NLDConfig, noisy: jax.Array, clean: jax.Array, block_size, *, lora=None,
-                 remat: bool = False, attention=block_diff_attention):
-    """Final hidden states ``[B, 2L, D]`` of the ``[noisy | clean]`` layout."""
+                 remat: bool = False, attention=None):
+    """Final hidden states ``[B, 2L, D]`` of the ``[noisy | clean]`` layout.
+
+    ``attention(q, k, v, block_size)`` defaults to the dense-mask XLA version; the Pallas
+    block-sparse kernel (``pallas_kernels.block_attention.api.block_diff_attention``) fits too.
+    """
+    attention = attention or block_diff_attention_dense
     B, L = clean.shape
     tokens = jnp.concatenate([noisy, clean], axis=1)
     dtype = params["embed_tokens"].dtype
     rope_pos = jnp.broadcast_to(jnp.concatenate([jnp.arange(L), jnp.arange(L)])[None], (B, 2 * L))
     cos, sin = rope_cos_sin(config, rope_pos, dtype)
     q_scale = llama4_query_scale(config, jnp.broadcast_to(jnp.arange(2 * L)[None], (B, 2 * L)))
-    mask = block_diff_mask(L, block_size)
-
     def attend(q, k, v, _):
-        return attention(q, k, v, mask)
+        return attention(q, k, v, block_size)
 
     x, _ = scan_layers(params, config, embed(params, tokens), cos, sin, q_scale, attend, None, lora, remat)
     return rms_norm(x, params["norm"], config.rms_norm_eps)
@@ -106,7 +122,7 @@ def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def nld_loss(params, config: NLDConfig, tokens: jax.Array, masked: jax.Array, p_mask: jax.Array, block_size,
-             loss: LossConfig = LossConfig(), ar_mask: jax.Array | None = None):
+             loss: LossConfig = LossConfig(), ar_mask: jax.Array | None = None, attention=None):
     """NVIDIA's joint objective on ``tokens [B, L]`` with the given masking.
 
     ``ar_mask [B, L]`` (optional, SFT) marks the tokens that count as AR targets (position i's
@@ -115,7 +131,7 @@ def nld_loss(params, config: NLDConfig, tokens: jax.Array, masked: jax.Array, p_
     """
     B, L = tokens.shape
     noisy = jnp.where(masked, config.mask_token_id, tokens)
-    hidden = train_hidden(params, config, noisy, tokens, block_size, remat=loss.remat)
+    hidden = train_hidden(params, config, noisy, tokens, block_size, remat=loss.remat, attention=attention)
     logits = lm_head(params, config, hidden[:, :L])
     causal_logits = lm_head(params, config, hidden[:, L:])
     ce_diff = _cross_entropy(logits, tokens)
@@ -138,7 +154,7 @@ def draft_mask(L: int, block_size) -> jax.Array:
 
 
 def draft_loss(lora, params, config: NLDConfig, tokens: jax.Array, block_size, remat: bool = False,
-               loss_mask: jax.Array | None = None):
+               loss_mask: jax.Array | None = None, attention=None):
     """Draft-LoRA objective: mean CE of the bidirectional draft (adapter on) at masked slots.
 
     As at inference, the adapter runs on the noisy (draft) half only; the clean half, which
@@ -151,7 +167,7 @@ def draft_loss(lora, params, config: NLDConfig, tokens: jax.Array, block_size, r
     noisy = jnp.where(masked, config.mask_token_id, tokens)
     gate = jnp.broadcast_to(jnp.concatenate([jnp.ones((L,)), jnp.zeros((L,))])[None], (B, 2 * L))
     gated = {**lora, "token_gate": gate.astype(jnp.float32)}
-    hidden = train_hidden(params, config, noisy, tokens, block_size, lora=gated, remat=remat)
+    hidden = train_hidden(params, config, noisy, tokens, block_size, lora=gated, remat=remat, attention=attention)
     logits = lm_head(params, config, hidden[:, :L])
     ce = _cross_entropy(logits, tokens)
     n = jnp.maximum(jnp.sum(masked), 1)

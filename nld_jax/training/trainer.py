@@ -38,6 +38,10 @@ class TrainConfig:
     loss: LossConfig = LossConfig()
     compute_dtype: str = "float32"  # or "bfloat16" (mixed precision)
     block_sizes: tuple[int, ...] = (32,)  # one is drawn per step (NVIDIA: 64 pretraining, 32 SFT)
+    # "xla": dense-mask attention, one compiled step for every block size. A Pallas name
+    # ("pallas_tpu", "pallas_triton", ...): the block-sparse block_diff kernel, whose tile tables
+    # need a static block size, so one step is compiled per block size.
+    attention: str = "xla"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -76,16 +80,18 @@ def make_train_step(config: NLDConfig, train: TrainConfig, optimizer: optax.Grad
     model in ``lora`` mode and None otherwise. Shardings, when given, are passed to ``jax.jit``.
     """
 
+    attention = _attention_fn(train.attention)
+
     def loss_fn(trainable, frozen, batch, block_size, key):
         tokens, loss_mask = batch["tokens"], batch.get("loss_mask")
         if train.mode == "lora":
             lora = {**_cast(trainable, "float32"), "scale": jnp.float32(lora_scale)}
             loss, metrics = draft_loss(lora, _cast(frozen, train.compute_dtype), config, tokens, block_size,
-                                       train.loss.remat, loss_mask)
+                                       train.loss.remat, loss_mask, attention=attention)
             return loss, metrics
         masked, p_mask = mask_tokens(key, tokens, train.loss.eps, loss_mask)
         loss_sum, count, aux = nld_loss(_cast(trainable, train.compute_dtype), config, tokens, masked, p_mask,
-                                        block_size, train.loss, ar_mask=loss_mask)
+                                        block_size, train.loss, ar_mask=loss_mask, attention=attention)
         n_masked = jnp.maximum(aux["n_masked"], 1)
         B, L = tokens.shape
         n_ar = B * (L - 1) if loss_mask is None else jnp.maximum(jnp.sum(loss_mask[:, 1:]), 1)
@@ -102,7 +108,20 @@ def make_train_step(config: NLDConfig, train: TrainConfig, optimizer: optax.Grad
         metrics = {**metrics, "loss": loss, "grad_norm": _global_norm(grads)}
         return TrainState(state.step + 1, trainable, opt_state, key), metrics
 
-    return jax.jit(step, donate_argnums=(0,), in_shardings=in_shardings, out_shardings=out_shardings)
+    if train.attention == "xla":
+        return jax.jit(step, donate_argnums=(0,), in_shardings=in_shardings, out_shardings=out_shardings)
+    jitted = jax.jit(step, donate_argnums=(0,), static_argnums=(3,), in_shardings=in_shardings,
+                     out_shardings=out_shardings)
+    return lambda state, frozen, batch, block_size: jitted(state, frozen, batch, int(block_size))
+
+
+def _attention_fn(name: str):
+    """The ``attention(q, k, v, block_size)`` of the ``block_diff`` layout."""
+    if name == "xla":
+        return None  # objective's dense-mask default
+    from pallas_kernels.block_attention.api import block_diff_attention
+
+    return lambda q, k, v, block_size: block_diff_attention(q, k, v, int(block_size), implementation=name)
 
 
 class CheckpointIO:

@@ -148,16 +148,12 @@ class BlockDiffMask:
 
     def __call__(self, q, k):
         """The predicate on (broadcastable, non-negative) query and key indices; numpy in, numpy out."""
+        from nld_jax.training.objective import block_diff_visible  # the one definition of the mask
+
         traced = isinstance(q, jnp.ndarray) or isinstance(k, jnp.ndarray)
-        xp = jnp if traced else np
-        div, rem = (idiv, irem) if traced else (np.floor_divide, np.remainder)  # indices are >= 0
-        L, b = self.seq_len, self.block_size
-        q_noisy, k_noisy = q < L, k < L
-        q_blk, k_blk = div(rem(q, L), b), div(rem(k, L), b)
-        noisy_noisy = q_noisy & k_noisy & (q_blk == k_blk)
-        noisy_clean = q_noisy & ~k_noisy & (q_blk > k_blk)
-        clean_clean = ~q_noisy & ~k_noisy & (q >= k)
-        return xp.asarray(noisy_noisy | noisy_clean | clean_clean)
+        if traced:  # inside kernels: integer division that lowers on every backend
+            return block_diff_visible(q, k, self.seq_len, self.block_size, xp=jnp, div=idiv, rem=irem)
+        return block_diff_visible(q, k, self.seq_len, self.block_size, xp=np)
 
     def materialize(self) -> np.ndarray:
         """Dense ``[2L, 2L]`` boolean mask."""
