@@ -18,6 +18,8 @@ from nld_jax.generate import GenerationResult, generate
 from nld_jax.inference import block_logits, forward
 from nld_jax.kv_cache import KVCache
 from nld_jax.loading import NLDModel, load, random_model
+from nld_jax.sharded import block_logits_sharded, forward_sharded, generate_sharded, shard_model
+from nld_jax.sharding import DEFAULT_RULES, ShardingError, ShardingRules, make_mesh
 
 __version__ = "0.1.0"
 
@@ -26,4 +28,6 @@ __all__ = [
     "NLDModel", "NLDConfig", "RopeConfig", "GenerationResult", "PRESETS", "preset",
     "config_from_hf", "load_hf_config", "ConfigError", "CheckpointError",
     "decode", "decode_jit", "DecodeOptions", "DecodeInputs", "DecodeOutput", "KVCache",
+    "make_mesh", "ShardingRules", "DEFAULT_RULES", "ShardingError", "shard_model", "generate_sharded",
+    "forward_sharded", "block_logits_sharded",
 ]

@@ -18,10 +18,14 @@ and falls back to the XLA version below, which is also every kernel's numerical 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from nld_jax.ops import ATTENTION
+from nld_jax.sharding import shard_kernel
 
 __all__ = ["attention", "attention_xla"]
 
@@ -59,4 +63,32 @@ def attention_xla(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool):
 def attention(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool, implementation: str = "auto"):
     """Dispatch to the selected implementation (see the module docstring for the semantics)."""
     fn = ATTENTION.resolve(implementation)
+    if fn is not ATTENTION.resolve("xla"):
+        # Kernels cannot be split by the partitioner: under a mesh they run per (batch, head)
+        # shard inside shard_map (a no-op without a mesh). The XLA version is partitioned as is.
+        fn = shard_kernel(functools.partial(fn, causal=causal), _KERNEL_IN_AXES, _KERNEL_OUT_AXES,
+                          adjust=_whole_groups)
+        return fn(q, k, v, cache_k, cache_v, cache_lengths)
     return fn(q, k, v, cache_k, cache_v, cache_lengths, causal=causal)
+
+
+_Q_AXES = ("batch", "seq", "act_heads", "head_dim")
+_KV_AXES = ("batch", "seq", "act_kv_heads", "head_dim")
+_CACHE_AXES = ("batch", "cache_seq", "act_kv_heads", "head_dim")
+_KERNEL_IN_AXES = (_Q_AXES, _KV_AXES, _KV_AXES, _CACHE_AXES, _CACHE_AXES, ("batch",))
+_KERNEL_OUT_AXES = _Q_AXES
+
+
+def _whole_groups(in_specs, out_spec):
+    """A kernel shard must hold whole GQA groups: if the KV heads are replicated (they do not
+    divide the tensor axis) the query heads are gathered too, so each shard runs all heads."""
+
+    def heads(spec):
+        return spec[2] if len(spec) > 2 else None
+
+    def without_heads(spec):
+        return PartitionSpec(*[None if i == 2 else p for i, p in enumerate(spec)])
+
+    if heads(in_specs[1]) is None and heads(in_specs[0]) is not None:
+        in_specs[0], out_spec = without_heads(in_specs[0]), without_heads(out_spec)
+    return in_specs, out_spec

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nld_jax.checkpoint.hf import load_hf_lora, load_hf_params
 from nld_jax.config import NLDConfig, load_hf_config
@@ -70,25 +71,80 @@ def _is_orbax_dir(path: str) -> bool:
 
 
 def load(path: str | os.PathLike | None = None, dtype="float32", *, load_lora: bool = True,
-         load_tokenizer_files: bool = True) -> NLDModel:
+         load_tokenizer_files: bool = True, mesh=None, rules=None, shardings=None) -> NLDModel:
     """Load an NLD checkpoint directory (NVIDIA's HF layout) or the embedded default (``path=None``).
 
     ``dtype`` is the compute and storage dtype of the weights (bf16 on disk is upcast for
     float32). The draft LoRA of ``linear_spec_lora/`` stays float32 (as PEFT runs it).
+
+    ``mesh`` (a ``jax.sharding.Mesh``, see :func:`nld_jax.sharding.make_mesh`) restores every
+    weight straight into its sharding under ``rules`` (default :data:`nld_jax.sharding.DEFAULT_RULES`);
+    ``shardings`` (a tree like the weights) overrides the derived ones. In a multi-process run
+    each process copies only its own devices' slices.
     """
     path = DEFAULT_CHECKPOINT if path is None else os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     dt = resolve_dtype(dtype)
     if _is_orbax_dir(path):
-        from checkpoints_convert.orbax_io import load_orbax  # the converter's format
-
-        return load_orbax(path, dtype=dt, load_lora=load_lora, load_tokenizer_files=load_tokenizer_files)
+        return _load_orbax_sharded(path, dt, load_lora, load_tokenizer_files, mesh, rules, shardings)
     config = load_hf_config(path)
-    params = load_hf_params(path, config, dt)
-    lora = load_hf_lora(path, config) if load_lora else None
+    place = lora_place = None
+    if mesh is not None or shardings is not None:
+        place, lora_place = _placers(config, mesh, rules, shardings)
+    params = load_hf_params(path, config, dt, place=place)
+    lora = load_hf_lora(path, config, place=lora_place) if load_lora else None
+    if lora is not None and lora_place is not None:
+        lora["scale"] = lora_place("lora.scale", np.asarray(lora["scale"]))
     tok = load_tokenizer(path, config.bos_token_id, config.eos_token_id) if load_tokenizer_files else None
     return NLDModel(config, params, lora, tok, path)
+
+
+def _placers(config: NLDConfig, mesh, rules, shardings):
+    """``place(path, host_array)`` hooks that put each weight (and LoRA leaf) into its sharding."""
+    from nld_jax import sharding as sh
+    from nld_jax.params import flatten_tree
+
+    rules = rules or sh.DEFAULT_RULES
+    flat = flatten_tree(shardings) if shardings is not None else flatten_tree(sh.param_shardings(config, mesh, rules))
+    mesh = mesh or next(iter(flat.values())).mesh
+
+    def place(path, host):
+        return sh.place_global(host, flat[path])
+
+    def lora_place(path, host):
+        name = path.removeprefix("lora.")
+        if name == "scale":
+            return sh.place_global(host, sh.replicated(mesh))
+        rank = host.shape[-1] if name == "A" else host.shape[1]  # A [L, H, Dh, r], B [L, r, D]
+        return sh.place_global(host, sh.lora_shardings(config, mesh, rank, rules)[name])
+
+    return place, lora_place
+
+
+def _load_orbax_sharded(path, dt, load_lora, load_tokenizer_files, mesh, rules, shardings) -> NLDModel:
+    import inspect
+
+    from checkpoints_convert.orbax_io import load_orbax  # the converter's format
+
+    if mesh is None and shardings is None:
+        return load_orbax(path, dtype=dt, load_lora=load_lora, load_tokenizer_files=load_tokenizer_files)
+    from nld_jax import sharding as sh
+
+    rules = rules or sh.DEFAULT_RULES
+    config = load_hf_config(path)
+    shardings = shardings if shardings is not None else sh.param_shardings(config, mesh, rules)
+    if "shardings" in inspect.signature(load_orbax).parameters:
+        # Each device reads only its own chunks; the small LoRA comes replicated and is resharded below.
+        model = load_orbax(path, dtype=dt, load_lora=load_lora, load_tokenizer_files=load_tokenizer_files,
+                           shardings=shardings)
+    else:  # an older converter: load, then place (single-process only)
+        model = load_orbax(path, dtype=dt, load_lora=load_lora, load_tokenizer_files=load_tokenizer_files)
+        model.params = sh.put_tree(model.params, shardings)
+    if model.lora is not None:
+        mesh = mesh or jax.tree.leaves(shardings)[0].mesh
+        model.lora = sh.put_tree(model.lora, sh.lora_shardings(config, mesh, int(model.lora["A"].shape[-1]), rules))
+    return model
 
 
 def random_model(config: NLDConfig, seed: int = 0, dtype="float32", lora_rank: int | None = None,

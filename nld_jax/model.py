@@ -19,6 +19,7 @@ from nld_jax.config import NLDConfig
 from nld_jax.kv_cache import KVCache
 from nld_jax.ops import GREEDY_HEAD
 from nld_jax.rope import apply_rope, llama4_query_scale, rope_cos_sin
+from nld_jax.sharding import active_mesh, active_rules, constrain, mesh_size, shard_kernel
 
 __all__ = ["rms_norm", "decoder_layer", "scan_layers", "embed", "forward_hidden", "lm_head", "logits_at",
            "forward_logits", "greedy_head", "greedy_head_xla", "head_weight"]
@@ -39,15 +40,18 @@ def decoder_layer(config: NLDConfig, layer, x: jax.Array, cos, sin, q_scale, att
     """
     eps = config.rms_norm_eps
     attn_p, mlp_p = layer["self_attn"], layer["mlp"]
+    # Under a mesh (nld_jax.sharding), pin the layout at each contraction: batch over data/fsdp,
+    # heads and MLP width over tensor, the residual stream replicated over tensor. No-ops otherwise.
+    q_axes, kv_axes = ("batch", "seq", "act_heads", "head_dim"), ("batch", "seq", "act_kv_heads", "head_dim")
     with jax.named_scope("attention"):
         h = rms_norm(x, layer["input_layernorm"], eps)
-        q = jnp.einsum("btd,dhk->bthk", h, attn_p["q_proj"])
-        k = jnp.einsum("btd,dhk->bthk", h, attn_p["k_proj"])
-        v = jnp.einsum("btd,dhk->bthk", h, attn_p["v_proj"])
+        q = constrain(jnp.einsum("btd,dhk->bthk", h, attn_p["q_proj"]), q_axes)
+        k = constrain(jnp.einsum("btd,dhk->bthk", h, attn_p["k_proj"]), kv_axes)
+        v = constrain(jnp.einsum("btd,dhk->bthk", h, attn_p["v_proj"]), kv_axes)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if q_scale is not None:  # llama-4 scale: queries only, after RoPE, never cached
             q = q * q_scale[:, :, None, None].astype(q.dtype)
-        out = attend(q, k, v)
+        out = constrain(attend(q, k, v), q_axes)
         o = jnp.einsum("bthk,hkd->btd", out, attn_p["o_proj"])
         if lora is not None:
             # PEFT runs the adapter in the adapter's dtype (float32) and adds it to o_proj(x).
@@ -56,12 +60,13 @@ def decoder_layer(config: NLDConfig, layer, x: jax.Array, cos, sin, q_scale, att
             if "token_gate" in lora:  # [B, T] 0/1: training runs the adapter on some tokens only
                 delta = delta * lora["token_gate"][..., None]
             o = o + delta.astype(o.dtype)
-        x = x + o
+        x = constrain(x + o, ("batch", "seq", "act_embed"))
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer["post_attention_layernorm"], eps)
-        gate = jnp.einsum("btd,df->btf", h, mlp_p["gate_proj"])
-        up = jnp.einsum("btd,df->btf", h, mlp_p["up_proj"])
+        gate = constrain(jnp.einsum("btd,df->btf", h, mlp_p["gate_proj"]), ("batch", "seq", "act_mlp"))
+        up = constrain(jnp.einsum("btd,df->btf", h, mlp_p["up_proj"]), ("batch", "seq", "act_mlp"))
         x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, mlp_p["down_proj"])
+        x = constrain(x, ("batch", "seq", "act_embed"))
     return x, (k, v)
 
 
@@ -105,7 +110,8 @@ def forward_hidden(params, config: NLDConfig, tokens: jax.Array, cache: KVCache,
         return attention_lib.attention(q, k, v, ck.astype(dtype), cv.astype(dtype), cache.lengths,
                                        causal=causal, implementation=attn_impl)
 
-    x, (k_new, v_new) = scan_layers(params, config, embed(params, tokens), cos, sin, q_scale, attend,
+    x = constrain(embed(params, tokens), ("batch", "seq", "act_embed"))
+    x, (k_new, v_new) = scan_layers(params, config, x, cos, sin, q_scale, attend,
                                     (cache.k, cache.v), lora)
     return rms_norm(x, params["norm"], config.rms_norm_eps), k_new, v_new
 
@@ -137,6 +143,16 @@ def greedy_head_xla(hidden: jax.Array, weight: jax.Array) -> tuple[jax.Array, ja
 def greedy_head(params, config: NLDConfig, hidden: jax.Array, implementation: str = "auto"):
     """Greedy decisions straight from hidden states (see :func:`greedy_head_xla`)."""
     fn = GREEDY_HEAD.resolve(implementation)
+    mesh = active_mesh()
+    if mesh is not None and fn is not GREEDY_HEAD.resolve("xla"):
+        # A kernel sees whole rows of the vocabulary, so it cannot combine vocab shards (it
+        # returns no per-shard max logit): with the head split over the vocabulary, the XLA
+        # version runs (the partitioner splits it); otherwise the kernel runs per batch shard.
+        if mesh_size(mesh, active_rules().mesh_axes("vocab")) > 1:
+            fn = GREEDY_HEAD.resolve("xla")
+        else:
+            rows = ("batch",) + (None,) * (hidden.ndim - 1)
+            fn = shard_kernel(fn, [rows, None], [rows[:-1], rows[:-1]])
     return fn(hidden, head_weight(params, config))
 
 
