@@ -34,30 +34,33 @@ def attention_xla(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool):
     """Plain XLA attention; the numerical reference for every kernel.
 
     Shapes: ``q [B, T, H, Dh]``, ``k, v [B, T, K, Dh]``, ``cache_k, cache_v [B, S, K, Dh]``,
-    ``cache_lengths [B]``. GQA is computed by grouping queries (``[B, T, K, G, Dh]``), so K/V are
-    never repeated in memory. Scores and softmax are float32 whatever the compute dtype.
+    ``cache_lengths [B]``. GQA without repeating K/V: the G query heads of a KV head and the T
+    block positions become the T*G rows of one matmul per KV head (``[B, K, T*G, Dh]``), which
+    XLA runs far better than a matmul per (head, group). Scores over the cache and over the
+    block are computed apart (no copy of the cache to concatenate keys) and share one float32
+    softmax.
     """
     B, T, H, Dh = q.shape
     K = k.shape[2]
     S = cache_k.shape[1]
     G = H // K
-    qg = q.reshape(B, T, K, G, Dh)
-    scale = 1.0 / (Dh ** 0.5)
     f32 = jnp.float32
-    s_cache = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k, preferred_element_type=f32) * scale
-    s_block = jnp.einsum("btkgd,bukd->bkgtu", qg, k, preferred_element_type=f32) * scale
+    scale = 1.0 / (Dh ** 0.5)
+    rows = q.reshape(B, T, K, G, Dh).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, Dh)  # row r = t*G + g
+    s_cache = jnp.einsum("bkrd,bskd->bkrs", rows, cache_k, preferred_element_type=f32) * scale
+    s_block = jnp.einsum("bkrd,bukd->bkru", rows, k, preferred_element_type=f32) * scale
 
     cache_valid = jnp.arange(S)[None, :] < cache_lengths[:, None]  # [B, S]
-    s_cache = jnp.where(cache_valid[:, None, None, None, :], s_cache, -jnp.inf)
+    s_cache = jnp.where(cache_valid[:, None, None, :], s_cache, -jnp.inf)
     if causal:
-        tri = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]  # [T(query), T(key)]
-        s_block = jnp.where(tri, s_block, -jnp.inf)
+        row_pos = jnp.arange(T * G) // G  # block position of each row
+        s_block = jnp.where(jnp.arange(T)[None, :] <= row_pos[:, None], s_block, -jnp.inf)
 
     probs = jax.nn.softmax(jnp.concatenate([s_cache, s_block], axis=-1), axis=-1)
     p_cache, p_block = probs[..., :S].astype(v.dtype), probs[..., S:].astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", p_cache, cache_v, preferred_element_type=f32)
-    out = out + jnp.einsum("bkgtu,bukd->btkgd", p_block, v, preferred_element_type=f32)
-    return out.reshape(B, T, H, Dh).astype(q.dtype)
+    out = jnp.einsum("bkrs,bskd->bkrd", p_cache, cache_v, preferred_element_type=f32)
+    out = out + jnp.einsum("bkru,bukd->bkrd", p_block, v, preferred_element_type=f32)
+    return out.reshape(B, K, T, G, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, H, Dh).astype(q.dtype)
 
 
 def attention(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool, implementation: str = "auto"):

@@ -44,15 +44,23 @@ class KVCache:
     def write(self, k_new: jax.Array, v_new: jax.Array) -> "KVCache":
         """Write ``[L, B, T, K, Dh]`` at each row's current length; lengths are not advanced.
 
-        Callers size the cache so that ``lengths + T <= S`` always holds: dynamic_update_slice
-        would otherwise clamp the start index and overwrite valid entries.
+        One ``dynamic_update_slice`` per row, in a loop over rows: each is an in-place update of
+        the loop-carried (and, at the jit boundary, donated) cache. (A vmapped update becomes a
+        scatter that XLA may materialise as full-cache copies; a plain scatter is slow on CPU.)
+        Callers size the cache so that ``lengths + T <= S`` always holds, since the start index
+        of dynamic_update_slice would otherwise be clamped.
         """
+        k_new, v_new = k_new.astype(self.k.dtype), v_new.astype(self.v.dtype)
 
-        def write_row(buf, new, start):  # buf [L, S, K, Dh], new [L, T, K, Dh]
-            return lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, start, 0, 0))
+        def write_row(b, kv):
+            k, v = kv
+            start = (0, b, self.lengths[b], 0, 0)
+            k = lax.dynamic_update_slice(k, lax.dynamic_slice_in_dim(k_new, b, 1, axis=1), start)
+            v = lax.dynamic_update_slice(v, lax.dynamic_slice_in_dim(v_new, b, 1, axis=1), start)
+            return k, v
 
-        write = jax.vmap(write_row, in_axes=(1, 1, 0), out_axes=1)
-        return KVCache(write(self.k, k_new, self.lengths), write(self.v, v_new, self.lengths), self.lengths)
+        k, v = lax.fori_loop(0, self.batch, write_row, (self.k, self.v), unroll=self.batch <= 8)
+        return KVCache(k, v, self.lengths)
 
     def advance(self, n: jax.Array) -> "KVCache":
         """Accept ``n [B]`` freshly written entries per row (0 for rows that are done)."""

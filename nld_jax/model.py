@@ -140,9 +140,16 @@ def greedy_head_xla(hidden: jax.Array, weight: jax.Array) -> tuple[jax.Array, ja
     return tokens, 1.0 / jnp.sum(jnp.exp(logits - top), axis=-1)
 
 
-def greedy_head(params, config: NLDConfig, hidden: jax.Array, implementation: str = "auto"):
-    """Greedy decisions straight from hidden states (see :func:`greedy_head_xla`)."""
+def greedy_head(params, config: NLDConfig, hidden: jax.Array, implementation: str = "auto",
+                with_confidence: bool = True):
+    """Greedy decisions straight from hidden states (see :func:`greedy_head_xla`).
+
+    ``with_confidence=False`` (AR steps, verification, one-shot drafts) lets the XLA path skip
+    the softmax normaliser; the confidence returned is then None.
+    """
     fn = GREEDY_HEAD.resolve(implementation)
+    if not with_confidence and fn is GREEDY_HEAD.resolve("xla"):
+        return jnp.argmax(lm_head(params, config, hidden), axis=-1).astype(jnp.int32), None
     mesh = active_mesh()
     if mesh is not None and fn is not GREEDY_HEAD.resolve("xla"):
         # A kernel sees whole rows of the vocabulary, so it cannot combine vocab shards (it

@@ -101,9 +101,12 @@ def prefill(params, config: NLDConfig, cache: KVCache, inputs: DecodeInputs, ker
     Padding sits after each row's last real token, so causal attention keeps it out of every
     real position; the cache lengths are set to the true prompt lengths, which hides it later.
     """
-    cache = dataclasses.replace(cache, lengths=jnp.zeros_like(cache.lengths))
-    hidden, k, v = forward_hidden(params, config, inputs.tokens, cache, causal=True, attn_impl=kernels)
-    cache = cache.write(k, v).advance(inputs.lengths)
+    B = inputs.tokens.shape[0]
+    # Attend within the prompt only: an empty (zero-slot) cache, not the full one whose slots
+    # are all invalid, which would cost [B, H, T, S] scores for nothing.
+    empty = KVCache(cache.k[:, :, :0], cache.v[:, :, :0], jnp.zeros((B,), jnp.int32))
+    hidden, k, v = forward_hidden(params, config, inputs.tokens, empty, causal=True, attn_impl=kernels)
+    cache = dataclasses.replace(cache, lengths=jnp.zeros_like(cache.lengths)).write(k, v).advance(inputs.lengths)
     last = jnp.take_along_axis(hidden, (inputs.lengths - 1)[:, None, None], axis=1)[:, 0]
     return cache, last
 
@@ -115,18 +118,21 @@ def block_hidden(params, config: NLDConfig, cache: KVCache, tokens: jax.Array, *
 
 
 def decide(params, config: NLDConfig, hidden: jax.Array, key, inputs: DecodeInputs, options: DecodeOptions,
-           *, confidence_temperature: bool = False):
-    """Tokens for ``hidden [..., D]`` and the softmax probability of each chosen token.
+           *, with_confidence: bool = False, confidence_temperature: bool = False):
+    """Tokens for ``hidden [..., D]`` and, if asked, the softmax probability of each chosen token.
 
     Greedy decisions go through the greedy head (argmax and its probability, no ``[..., V]``
     logits kept); sampling needs the full logits for the Gumbel noise. ``confidence_temperature``
     computes the confidence from ``softmax(logits / T)`` (the reference's speculative draft)
-    instead of the raw logits (its diffusion steps).
+    instead of the raw logits (its diffusion steps). Without ``with_confidence`` the second
+    result may be None.
     """
     if not options.sample:
-        return greedy_head(params, config, hidden, options.kernels)
+        return greedy_head(params, config, hidden, options.kernels, with_confidence=with_confidence)
     logits = lm_head(params, config, hidden)
     tokens = choose_tokens(logits, key, inputs.temperature, True)
+    if not with_confidence:
+        return tokens, None
     temp = inputs.temperature if confidence_temperature else 1.0
     return tokens, chosen_probability(logits, tokens, temp)
 

@@ -66,7 +66,7 @@ class _BlockState:
 def denoise_step(params, config, hidden, blk, is_mask, key, inputs: DecodeInputs, options: DecodeOptions, budget):
     """One unmasking decision: returns the updated block and which slots were revealed."""
     # Confidence is the softmax of the raw logits, as in the reference's diffusion steps.
-    x0, conf = decide(params, config, hidden, key, inputs, options)
+    x0, conf = decide(params, config, hidden, key, inputs, options, with_confidence=True)
     transfer = select_transfer(conf, is_mask, budget, inputs.threshold, options.use_threshold)
     return jnp.where(transfer, x0, blk), transfer
 

@@ -60,7 +60,9 @@ def _draft(params, config, options, inputs, cache, blk, active, nfe, key, lora):
     def fill(blk, key):
         hidden, _, _ = block_hidden(params, config, cache, blk, causal=False, lora=lora, kernels=options.kernels)
         key, sub = next_key(key, options.sample)
-        tokens, conf = decide(params, config, hidden, sub, inputs, options, confidence_temperature=True)
+        # Only threshold drafting ranks by confidence; a one-shot draft takes every token.
+        tokens, conf = decide(params, config, hidden, sub, inputs, options, with_confidence=options.use_threshold,
+                              confidence_temperature=True)
         return tokens, conf, key
 
     if not options.use_threshold:
