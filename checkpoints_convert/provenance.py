@@ -1,0 +1,97 @@
+"""``nld_metadata.json``: where a converted checkpoint came from and how it is stored.
+
+Source files are hashed (SHA-256) on a background thread while the conversion runs: hashlib
+releases the GIL on large updates and the files are in the page cache by then (or will be, for
+the conversion), so the hash costs little wall time on top of the copy.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import threading
+
+from nld_jax import __version__ as NLD_JAX_VERSION
+
+from checkpoints_convert import __version__ as CONVERTER_VERSION
+
+__all__ = ["METADATA_FILE", "FORMAT_NAME", "FORMAT_VERSION", "CONVERTER_VERSION", "FileHasher",
+           "build_metadata", "write_json", "read_metadata"]
+
+METADATA_FILE = "nld_metadata.json"
+FORMAT_NAME = "nld-jax-orbax"
+FORMAT_VERSION = 1
+
+
+class FileHasher:
+    """SHA-256 and size of each file, computed on a daemon thread; ``result()`` joins it."""
+
+    def __init__(self, root: str, relpaths: list[str], block_bytes: int = 8 << 20):
+        self._root, self._relpaths, self._block = root, list(relpaths), block_bytes
+        self._out: dict[str, dict] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="nld-convert-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            buf = bytearray(self._block)
+            view = memoryview(buf)
+            for rel in self._relpaths:
+                digest = hashlib.sha256()
+                size = 0
+                with open(os.path.join(self._root, rel), "rb", buffering=0) as f:
+                    while n := f.readinto(buf):
+                        digest.update(view[:n])
+                        size += n
+                self._out[rel] = {"bytes": size, "sha256": digest.hexdigest()}
+        except BaseException as e:  # reported by result(), on the caller's thread
+            self._error = e
+
+    def result(self) -> dict[str, dict]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return dict(self._out)
+
+
+def build_metadata(*, source: dict | None, dtypes: dict, lora: dict | None, hf_layout: dict | None,
+                   side_files: list[str], chunk_bytes: int) -> dict:
+    """The metadata document. ``hf_layout`` (the source's key -> file map) lets ``--reverse``
+    reproduce the original shard files; ``lora`` keeps the PEFT adapter config."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "converter": "checkpoints_convert",
+        "converter_version": CONVERTER_VERSION,
+        "nld_jax_version": NLD_JAX_VERSION,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "dtype": dtypes,
+        "lora": lora,
+        "hf_layout": hf_layout,
+        "side_files": list(side_files),
+        "storage": {"driver": "zarr", "compressor": None, "target_chunk_bytes": chunk_bytes, "ocdbt": False},
+    }
+
+
+def write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def read_metadata(directory: str) -> dict:
+    path = os.path.join(directory, METADATA_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} has no {METADATA_FILE}: not a converted NLD checkpoint")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {meta['format_version']} is newer than this converter "
+                         f"understands ({FORMAT_VERSION}); upgrade nld-jax")
+    return meta

@@ -1,0 +1,226 @@
+"""Converted Orbax checkpoint -> NVIDIA HF safetensors (``--reverse``), one tensor at a time.
+
+Keys are NVIDIA's exact names (from the same key map as the forward direction). The shard
+files follow the source's recorded layout when there is one, so HF -> Orbax -> HF reproduces
+the original files' tensors byte for byte; otherwise shards of ``max_shard_bytes`` with
+Hugging Face's names. An index is always written. The draft LoRA goes back to
+``linear_spec_lora/`` in PEFT's format.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import os
+import shutil
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+import tensorstore as ts
+
+from nld_jax.checkpoint.hf import LORA_DIR, CheckpointError
+from nld_jax.config import load_hf_config
+
+from checkpoints_convert.atomic_output import atomic_output_dir, check_not_overlapping, terminate_as_exit
+from checkpoints_convert.hf_source import ADAPTER_CONFIG, ADAPTER_FILE, side_files
+from checkpoints_convert.key_map import LORA_ITEM, PARAMS_ITEM, KeyMap, Ledger, TensorRoute
+from checkpoints_convert.orbax_io import open_item, stored_shapes
+from checkpoints_convert.provenance import read_metadata
+from checkpoints_convert.safetensors_stream import BufferPool, SafetensorsStreamWriter, plan_shards, write_index
+from checkpoints_convert.streaming import chunk_blocks, copy_blocked, slowest_axis
+from checkpoints_convert.to_orbax import ConversionReport, _progress_bar, parse_dtype
+from checkpoints_convert.verify import verify_conversion
+
+__all__ = ["convert_orbax_to_hf", "iter_hf_strips", "is_dense_layout"]
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
+
+
+STRIP_BYTES = 32 << 20  # HF rows gathered before they are handed to the file writer
+
+
+def is_dense_layout(view: np.ndarray) -> bool:
+    """Whether ``view`` numbers every element of a contiguous buffer exactly once (a transpose /
+    reshape of a C-ordered array): its strides, sorted, are a mixed-radix system starting at the
+    item size. Then a run of the slowest axis is a contiguous byte range."""
+    axes = sorted((s, n) for s, n in zip(view.strides, view.shape) if n > 1)
+    if view.ndim == 0 or not axes:
+        return False
+    expected = view.itemsize
+    for stride, n in axes:
+        if stride != expected:
+            return False
+        expected *= n
+    return True
+
+
+def iter_hf_strips(array: ts.TensorStore, route: TensorRoute, dtype: np.dtype, pool: BufferPool,
+                   prefetch: int = 4) -> Iterator[tuple[np.ndarray, Callable[[], None]]]:
+    """The HF bytes of ``route.hf_key`` in file order, as ``(uint8 strip, release)`` pieces.
+
+    ``to_ours`` of an (untouched, so never resident) HF-shaped buffer gives our layout's strides
+    over HF memory. Its slowest axis is HF's outermost, so a run of it is a contiguous range of
+    the tensor's bytes: each run of whole stored chunk columns is gathered into a pooled strip
+    (through a view with the same strides) and handed on, the next chunks' reads in flight. The
+    whole tensor is never in memory.
+    """
+    region = array if route.layer is None else array[route.layer]
+    dtype = np.dtype(dtype)
+    probe = route.to_ours(np.empty(route.hf_shape, dtype))
+    if tuple(probe.shape) != route.slot_shape or tuple(region.shape) != route.slot_shape:
+        raise CheckpointError(f"tensor {route.hf_key!r}: stored slot {list(region.shape)} / layout "
+                              f"{list(probe.shape)} differ from {list(route.slot_shape)}")
+    if not is_dense_layout(probe):  # a scalar, or a transform that copies: convert the slot whole
+        whole = np.ascontiguousarray(route.to_hf(region.read().result())).astype(dtype, copy=False)
+        buf = pool.get(whole.nbytes)
+        buf[:whole.nbytes] = whole.reshape(-1).view(np.uint8)
+        yield buf[:whole.nbytes], lambda: pool.put(buf)
+        return
+    axis = slowest_axis(probe)
+    n, stride = probe.shape[axis], probe.strides[axis]
+    chunks = tuple(region.chunk_layout.read_chunk.shape or region.shape)
+    run = max(1, STRIP_BYTES // (chunks[axis] * stride)) * chunks[axis]
+    strip = None  # (start, buffer, nbytes, strided view of the buffer)
+
+    def new_strip(start: int):
+        stop = min(start + run, n)
+        nbytes = (stop - start) * stride
+        buf = pool.get(nbytes)
+        shape = list(probe.shape)
+        shape[axis] = stop - start
+        view = np.lib.stride_tricks.as_strided(buf[:nbytes].view(dtype), shape, probe.strides, writeable=True)
+        return start, buf, nbytes, view
+
+    reads = collections.deque()
+    blocks = iter(chunk_blocks(probe.shape, chunks, axis))  # chunk columns of `axis` in order
+    while True:
+        while len(reads) < prefetch and (idx := next(blocks, None)) is not None:
+            reads.append((idx, region[idx].read()))
+        if not reads:
+            break
+        idx, future = reads.popleft()
+        start = idx[axis].start // run * run
+        if strip is None or strip[0] != start:
+            if strip is not None:
+                yield strip[1][:strip[2]], functools.partial(pool.put, strip[1])
+            strip = new_strip(start)
+        local = idx[:axis] + (slice(idx[axis].start - start, idx[axis].stop - start),) + idx[axis + 1:]
+        copy_blocked(strip[3][local], future.result())
+    if strip is not None:
+        yield strip[1][:strip[2]], functools.partial(pool.put, strip[1])
+
+
+def _write_files(directory: str, plan, routes: dict[str, TensorRoute], leaves, dtypes: dict[str, np.dtype],
+                 ledger: Ledger, bar) -> None:
+    pool = BufferPool()
+    for name, keys in plan:
+        writer = SafetensorsStreamWriter(os.path.join(directory, name),
+                                         [(k, dtypes[k], routes[k].hf_shape) for k in keys], {"format": "pt"})
+        try:
+            for key in keys:
+                ledger.use(key)
+                route = routes[key]
+                writer.write_parts(key, iter_hf_strips(leaves[route.leaf], route, dtypes[key], pool), bar.update)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+
+
+def _adapter_config(meta_lora: dict | None, rank: int, scale: float) -> dict:
+    """The source's PEFT config when it still matches the stored rank and scale, else a minimal one."""
+    recorded = (meta_lora or {}).get("adapter_config")
+    if recorded and int(recorded.get("r", -1)) == rank and float(recorded.get("lora_alpha", 0)) / rank == scale:
+        return recorded
+    return {"peft_type": "LORA", "r": rank, "lora_alpha": scale * rank, "target_modules": ["o_proj"],
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+            "use_dora": False, "use_rslora": False, "base_model_name_or_path": "..", "task_type": None}
+
+
+def _torch_dtype_name(dtypes) -> str | None:
+    names = {np.dtype(d).name for d in dtypes}
+    return names.pop() if len(names) == 1 else None
+
+
+def convert_orbax_to_hf(src, dst, *, dtype=None, lora: bool = True, overwrite: bool = False,
+                        verify: bool = False, progress: bool = True,
+                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ConversionReport:
+    """Write the converted checkpoint ``src`` back as an HF safetensors directory ``dst``.
+
+    ``dtype``: None / "keep" writes each tensor in its stored dtype; "bfloat16" / "float32"
+    casts the base weights (the LoRA keeps its dtype).
+    """
+    t0 = time.perf_counter()
+    requested = parse_dtype(dtype)
+    src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
+    if os.path.lexists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
+    meta = read_metadata(src)
+    config = load_hf_config(src)
+    key_map = KeyMap.for_params(config)
+    leaves = open_item(os.path.join(src, PARAMS_ITEM))
+    key_map.check_stored(*stored_shapes(leaves), os.path.join(src, PARAMS_ITEM))
+    lora_map = lora_leaves = None
+    if lora and os.path.isdir(os.path.join(src, LORA_ITEM)):
+        lora_leaves = open_item(os.path.join(src, LORA_ITEM))
+        shapes, dtypes = stored_shapes(lora_leaves)
+        if len(shapes.get("A", ())) != 4 or shapes.get("scale") != ():
+            raise CheckpointError(f"{src}/{LORA_ITEM}: needs arrays 'A' [L, H, Dh, r] and a scalar 'scale'")
+        lora_map = KeyMap.for_lora(config, shapes["A"][-1])
+        lora_map.check_stored(shapes, dtypes, os.path.join(src, LORA_ITEM), extra_ok=["scale"])
+    check_not_overlapping(src, dst)
+
+    routes = {r.hf_key: r for r in key_map.routes}
+    out_dtypes = {k: requested if requested is not None else np.dtype(leaves[r.leaf].dtype.numpy_dtype)
+                  for k, r in routes.items()}
+    sizes = {k: int(np.prod(r.hf_shape)) * out_dtypes[k].itemsize for k, r in routes.items()}
+    plan = plan_shards(sizes, max_shard_bytes, (meta.get("hf_layout") or {}).get("weight_map"))
+    total = sum(sizes.values())
+    if lora_map is not None:
+        lora_routes = {r.hf_key: r for r in lora_map.routes}
+        lora_dtypes = {k: np.dtype(lora_leaves[r.leaf].dtype.numpy_dtype) for k, r in lora_routes.items()}
+        lora_sizes = {k: int(np.prod(r.hf_shape)) * lora_dtypes[k].itemsize for k, r in lora_routes.items()}
+        total += sum(lora_sizes.values())
+
+    ledger = Ledger([key_map] + ([lora_map] if lora_map else []))
+    with terminate_as_exit(), atomic_output_dir(dst, overwrite) as tmp:
+        with _progress_bar(total, progress, "nld-convert --reverse") as bar:
+            _write_files(tmp, plan, routes, leaves, out_dtypes, ledger, bar)
+            write_index(tmp, plan, sizes)
+            if lora_map is not None:
+                lora_dir = os.path.join(tmp, LORA_DIR)
+                os.mkdir(lora_dir)
+                _write_files(lora_dir, [(ADAPTER_FILE, list(lora_routes))], lora_routes, lora_leaves,
+                             lora_dtypes, ledger, bar)
+                rank = int(lora_leaves["A"].shape[-1])
+                scale = float(lora_leaves["scale"].read().result())
+                with open(os.path.join(lora_dir, ADAPTER_CONFIG), "w") as f:
+                    json.dump(_adapter_config(meta.get("lora"), rank, scale), f, indent=2)
+        ledger.check_complete()
+        for name in side_files(src):
+            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+        _record_dtype(os.path.join(tmp, "config.json"), _torch_dtype_name(out_dtypes.values()))
+        report = ConversionReport(src, dst, ledger.used, total, 0.0,
+                                  {PARAMS_ITEM: sorted({d.name for d in out_dtypes.values()})}, lora_map is not None)
+        report.seconds = time.perf_counter() - t0  # the conversion itself, without --verify
+        if verify:
+            report.verify = verify_conversion(src, tmp)
+    return report
+
+
+def _record_dtype(config_path: str, dtype_name: str | None) -> None:
+    """Keep config.json byte-identical unless the weights' dtype changed from what it says."""
+    if dtype_name is None:
+        return
+    with open(config_path) as f:
+        cfg = json.load(f)
+    fields = [k for k in ("torch_dtype", "dtype") if k in cfg]
+    if all(cfg[k] == dtype_name for k in fields) and fields:
+        return
+    for k in fields or ["torch_dtype"]:
+        cfg[k] = dtype_name
+    with open(config_path, "w") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")

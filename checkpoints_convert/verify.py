@@ -1,0 +1,95 @@
+"""``--verify``: run the same forward pass on the source and on the converted checkpoint.
+
+Each checkpoint is loaded in the dtype it is stored in (that is what a user of it gets): with
+the same dtype on both sides the logits must be identical, bit for bit; after a dtype change
+the report shows what the change costs (largest logit difference and mean KL divergence).
+The draft LoRA, when both sides have it, is checked the same way on diffusion-mode logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+__all__ = ["VerificationError", "VerifyReport", "verify_conversion", "stored_dtype"]
+
+
+class VerificationError(RuntimeError):
+    """Converted weights whose logits differ from the source's at the same dtype."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyReport:
+    source_dtype: str
+    converted_dtype: str
+    max_abs_diff: float
+    kl: float
+    lora_max_abs_diff: float | None = None
+    lora_kl: float | None = None
+
+    @property
+    def same_dtype(self) -> bool:
+        return self.source_dtype == self.converted_dtype
+
+    def summary(self) -> str:
+        text = (f"verify: {self.source_dtype} -> {self.converted_dtype}: max |logit diff| "
+                f"{self.max_abs_diff:.3g}, KL {self.kl:.3g}")
+        if self.lora_max_abs_diff is not None:
+            text += f"; draft LoRA logits: max |diff| {self.lora_max_abs_diff:.3g}, KL {self.lora_kl:.3g}"
+        return text
+
+
+def stored_dtype(path: str) -> str:
+    """The dtype to load ``path`` in: its embedding's dtype (float16 runs as float32)."""
+    from checkpoints_convert.orbax_io import PARAMS_ITEM, is_converted_dir, open_item
+    from nld_jax.checkpoint.hf import HFCheckpoint
+
+    if is_converted_dir(path):
+        dtype = np.dtype(open_item(os.path.join(path, PARAMS_ITEM))["embed_tokens"].dtype.numpy_dtype)
+    else:
+        dtype = np.dtype(HFCheckpoint(path).dtype("encoder.embed_tokens.weight"))
+    return "bfloat16" if dtype.name == "bfloat16" else "float32"
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _compare(a, b) -> tuple[float, float]:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise VerificationError("non-finite logits")
+    la, lb = _log_softmax(a), _log_softmax(b)
+    kl = float((np.exp(la) * (la - lb)).sum(-1).mean())
+    return float(np.abs(a - b).max()), max(kl, 0.0)
+
+
+def fixed_prompt(vocab_size: int, length: int = 16, batch: int = 2) -> np.ndarray:
+    """The same token ids on every run (a tokenizer-free prompt works for any checkpoint)."""
+    return np.random.default_rng(20260501).integers(0, vocab_size, size=(batch, length), dtype=np.int32)
+
+
+def verify_conversion(source: str, converted: str) -> VerifyReport:
+    import nld_jax
+
+    src_dtype, out_dtype = stored_dtype(source), stored_dtype(converted)
+    ref = nld_jax.load(source, dtype=src_dtype, load_tokenizer_files=False)
+    out = nld_jax.load(converted, dtype=out_dtype, load_tokenizer_files=False)
+    if ref.config != out.config:
+        raise VerificationError(f"configs differ: {ref.config} vs {out.config}")
+    tokens = fixed_prompt(ref.config.vocab_size, min(16, ref.config.max_position_embeddings))
+    max_diff, kl = _compare(nld_jax.forward(ref, tokens), nld_jax.forward(out, tokens))
+    lora_diff = lora_kl = None
+    if (ref.lora is None) != (out.lora is None):
+        raise VerificationError("the draft LoRA is on one side only")
+    if ref.lora is not None:
+        half = tokens.shape[1] // 2
+        lora_diff, lora_kl = _compare(nld_jax.block_logits(ref, tokens[:, :half], tokens[:, half:], use_lora=True),
+                                      nld_jax.block_logits(out, tokens[:, :half], tokens[:, half:], use_lora=True))
+    report = VerifyReport(src_dtype, out_dtype, max_diff, kl, lora_diff, lora_kl)
+    if report.same_dtype and (max_diff != 0.0 or (lora_diff or 0.0) != 0.0):
+        raise VerificationError(f"logits differ at the same dtype ({report.summary()})")
+    return report
