@@ -173,3 +173,19 @@ def test_train_step_with_the_pallas_block_diff_kernel_matches_xla(tiny, cases):
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("L,b", [(16, 4), (24, 8), (32, 32), (12, 1)])
+def test_structured_block_diff_attention_equals_dense(L, b):
+    from nld_jax.training.attention import dense_block_diff_attention, structured_block_diff_attention
+
+    rng = np.random.default_rng(L + b)
+    q = jnp.asarray(rng.standard_normal((2, 2 * L, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 2 * L, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, 2 * L, 2, 8)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(structured_block_diff_attention(q, k, v, b)),
+                               np.asarray(dense_block_diff_attention(q, k, v, jnp.int32(b))), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2))(q, k, v)
+             for f in (lambda *a: structured_block_diff_attention(*a, b), lambda *a: dense_block_diff_attention(*a, b))]
+    for a, c in zip(*grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-4)

@@ -22,8 +22,9 @@ import jax.numpy as jnp
 from nld_jax.config import NLDConfig
 from nld_jax.model import embed, lm_head, rms_norm, scan_layers
 from nld_jax.rope import llama4_query_scale, rope_cos_sin
+from nld_jax.training.attention import block_diff_attention_xla
 
-__all__ = ["LossConfig", "block_diff_visible", "block_diff_mask", "block_diff_attention", "mask_tokens", "train_hidden",
+__all__ = ["LossConfig", "block_diff_visible", "block_diff_mask", "mask_tokens", "train_hidden",
            "nld_loss", "draft_loss", "draft_mask"]
 
 
@@ -58,27 +59,6 @@ def block_diff_mask(L: int, block_size) -> jax.Array:
     return block_diff_visible(idx[:, None], idx[None, :], L, block_size)
 
 
-def block_diff_attention_dense(q, k, v, block_size):
-    """The XLA path: dense ``block_diff`` mask (``block_size`` may be traced)."""
-    return block_diff_attention(q, k, v, block_diff_mask(q.shape[1] // 2, block_size))
-
-
-def block_diff_attention(q, k, v, mask):
-    """Dense masked attention, GQA by query grouping, float32 softmax.
-
-    ``q [B, T, H, Dh]``, ``k, v [B, T, K, Dh]``, ``mask [T, T]``. Every query row has at least
-    one visible key (its own position), so no row is fully masked.
-    """
-    B, T, H, Dh = q.shape
-    K = k.shape[2]
-    qg = q.reshape(B, T, K, H // K, Dh)
-    s = jnp.einsum("btkgd,bukd->bkgtu", qg, k, preferred_element_type=jnp.float32) / (Dh ** 0.5)
-    s = jnp.where(mask, s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgtu,bukd->btkgd", p, v, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, H, Dh).astype(q.dtype)
-
-
 def mask_tokens(key: jax.Array, tokens: jax.Array, eps: float, loss_mask: jax.Array | None = None):
     """NVIDIA's forward process: per row ``t ~ U(0,1)``, ``p = (1-eps) t + eps``, each token masked
     with probability p; tokens outside ``loss_mask`` (SFT prompts) are never masked.
@@ -99,10 +79,11 @@ def train_hidden(params, config: NLDConfig, noisy: jax.Array, clean: jax.Array, 
                  remat: bool = False, attention=None):
     """Final hidden states ``[B, 2L, D]`` of the ``[noisy | clean]`` layout.
 
-    ``attention(q, k, v, block_size)`` defaults to the dense-mask XLA version; the Pallas
-    block-sparse kernel (``pallas_kernels.block_attention.api.block_diff_attention``) fits too.
+    ``attention(q, k, v, block_size)`` defaults to the XLA version (structured when the block
+    size is static, dense-masked when traced); the Pallas block-sparse kernel
+    (``pallas_kernels.block_attention.api.block_diff_attention``) fits too.
     """
-    attention = attention or block_diff_attention_dense
+    attention = attention or block_diff_attention_xla
     B, L = clean.shape
     tokens = jnp.concatenate([noisy, clean], axis=1)
     dtype = params["embed_tokens"].dtype

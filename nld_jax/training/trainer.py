@@ -38,9 +38,10 @@ class TrainConfig:
     loss: LossConfig = LossConfig()
     compute_dtype: str = "float32"  # or "bfloat16" (mixed precision)
     block_sizes: tuple[int, ...] = (32,)  # one is drawn per step (NVIDIA: 64 pretraining, 32 SFT)
-    # "xla": dense-mask attention, one compiled step for every block size. A Pallas name
-    # ("pallas_tpu", "pallas_triton", ...): the block-sparse block_diff kernel, whose tile tables
-    # need a static block size, so one step is compiled per block size.
+    # "xla": XLA attention computing only the visible parts of the block_diff mask. A Pallas
+    # name ("pallas_tpu", "pallas_triton", ...): the block-sparse block_diff kernel. Both need a
+    # static block size, so one step is compiled per block size; "xla_dense" (a dense mask) takes
+    # a traced block size and compiles once.
     attention: str = "xla"
 
     def __post_init__(self):
@@ -108,8 +109,10 @@ def make_train_step(config: NLDConfig, train: TrainConfig, optimizer: optax.Grad
         metrics = {**metrics, "loss": loss, "grad_norm": _global_norm(grads)}
         return TrainState(state.step + 1, trainable, opt_state, key), metrics
 
-    if train.attention == "xla":
+    if train.attention == "xla_dense":
         return jax.jit(step, donate_argnums=(0,), in_shardings=in_shardings, out_shardings=out_shardings)
+    if in_shardings is not None:
+        in_shardings = tuple(in_shardings[:3])  # the static block size takes no sharding
     jitted = jax.jit(step, donate_argnums=(0,), static_argnums=(3,), in_shardings=in_shardings,
                      out_shardings=out_shardings)
     return lambda state, frozen, batch, block_size: jitted(state, frozen, batch, int(block_size))
@@ -117,8 +120,10 @@ def make_train_step(config: NLDConfig, train: TrainConfig, optimizer: optax.Grad
 
 def _attention_fn(name: str):
     """The ``attention(q, k, v, block_size)`` of the ``block_diff`` layout."""
-    if name == "xla":
-        return None  # objective's dense-mask default
+    if name in ("xla", "xla_dense"):
+        from nld_jax.training.attention import dense_block_diff_attention, structured_block_diff_attention
+
+        return dense_block_diff_attention if name == "xla_dense" else structured_block_diff_attention
     from pallas_kernels.block_attention.api import block_diff_attention
 
     return lambda q, k, v, block_size: block_diff_attention(q, k, v, int(block_size), implementation=name)

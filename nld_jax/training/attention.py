@@ -1,0 +1,95 @@
+"""XLA attention for the ``block_diff`` training layout ``[noisy (L) | clean (L)]``.
+
+Two versions with the same result:
+
+* :func:`dense_block_diff_attention` materialises the whole ``[2L, 2L]`` mask; the block size may
+  be traced (one compiled step for every block size).
+* :func:`structured_block_diff_attention` computes only the three visible parts of the mask,
+  about half of the dense score matrix: clean -> clean (causal, ``L x L``), noisy -> clean
+  (earlier blocks, ``L x L``) and noisy -> noisy (each block with itself, ``L x b``). It needs a
+  static block size dividing L. On CPU it makes a training step ~1.5x faster, mostly in the
+  backward pass, whose saved probabilities shrink by the same factor.
+
+GQA groups queries (the G heads of a KV head and the positions become rows of one matmul per
+KV head, as in :func:`nld_jax.attention.attention_xla`); softmax in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["masked_attention", "dense_block_diff_attention", "structured_block_diff_attention",
+           "block_diff_attention_xla"]
+
+_F32 = jnp.float32
+
+
+def masked_attention(q, k, v, mask):
+    """Attention of ``q [B, Tq, H, Dh]`` over ``k, v [B, Tk, K, Dh]`` under ``mask [Tq, Tk]``
+    (True = visible). Every query must see at least one key."""
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, Dh)
+    s = jnp.einsum("btkgd,bukd->bkgtu", qg, k, preferred_element_type=_F32) / (Dh ** 0.5)
+    s = jnp.where(mask, s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgtu,bukd->btkgd", p, v, preferred_element_type=_F32)
+    return out.reshape(B, T, H, Dh).astype(q.dtype)
+
+
+def dense_block_diff_attention(q, k, v, block_size):
+    from nld_jax.training.objective import block_diff_mask
+
+    return masked_attention(q, k, v, block_diff_mask(q.shape[1] // 2, block_size))
+
+
+def _rows(x, K: int):
+    """``[B, T, H, Dh]`` -> ``[B, K, T*G, Dh]`` (row ``t*G + g``)."""
+    B, T, H, Dh = x.shape
+    return x.reshape(B, T, K, H // K, Dh).transpose(0, 2, 1, 3, 4).reshape(B, K, T * (H // K), Dh)
+
+
+def _unrows(x, T: int, G: int):
+    B, K, _, Dh = x.shape
+    return x.reshape(B, K, T, G, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, K * G, Dh)
+
+
+def structured_block_diff_attention(q, k, v, block_size: int):
+    B, T2, H, Dh = q.shape
+    K = k.shape[2]
+    G, L, b = H // K, T2 // 2, int(block_size)
+    nb = L // b
+    scale = 1.0 / (Dh ** 0.5)
+    kn, kc, vn, vc = k[:, :L], k[:, L:], v[:, :L], v[:, L:]
+    pos = jnp.arange(L)
+
+    # clean -> clean: causal.
+    qc = _rows(q[:, L:], K)  # [B, K, L*G, Dh]
+    s = jnp.einsum("bkrd,bskd->bkrs", qc, kc, preferred_element_type=_F32) * scale
+    s = jnp.where(pos[None, :] <= (jnp.arange(L * G) // G)[:, None], s, -jnp.inf)
+    out_c = jnp.einsum("bkrs,bskd->bkrd", jax.nn.softmax(s, axis=-1).astype(v.dtype), vc,
+                       preferred_element_type=_F32)
+
+    # noisy -> (clean of strictly earlier blocks | own noisy block), one softmax over both.
+    qn = q[:, :L].reshape(B, nb, b, K, G, Dh).transpose(0, 3, 1, 2, 4, 5).reshape(B, K, nb, b * G, Dh)
+    s_clean = jnp.einsum("bknrd,bskd->bknrs", qn, kc, preferred_element_type=_F32) * scale
+    earlier = pos[None, :] < (jnp.arange(nb) * b)[:, None]  # [nb, L]
+    s_clean = jnp.where(earlier[:, None, :], s_clean, -jnp.inf)
+    kb = kn.reshape(B, nb, b, K, Dh)
+    s_own = jnp.einsum("bknrd,bnukd->bknru", qn, kb, preferred_element_type=_F32) * scale
+    p = jax.nn.softmax(jnp.concatenate([s_clean, s_own], axis=-1), axis=-1).astype(v.dtype)
+    out_n = jnp.einsum("bknrs,bskd->bknrd", p[..., :L], vc, preferred_element_type=_F32)
+    out_n = out_n + jnp.einsum("bknru,bnukd->bknrd", p[..., L:], vn.reshape(B, nb, b, K, Dh),
+                               preferred_element_type=_F32)
+    out_n = out_n.reshape(B, K, nb, b, G, Dh).transpose(0, 2, 3, 1, 4, 5).reshape(B, L, H, Dh)
+    out = jnp.concatenate([out_n, _unrows(out_c, L, G)], axis=1)
+    return out.astype(q.dtype)
+
+
+def block_diff_attention_xla(q, k, v, block_size):
+    """The structured version when the block size is static and divides L, else the dense one."""
+    L = q.shape[1] // 2
+    if isinstance(block_size, int) and L % block_size == 0:
+        return structured_block_diff_attention(q, k, v, block_size)
+    return dense_block_diff_attention(q, k, v, block_size)

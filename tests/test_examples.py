@@ -1,0 +1,89 @@
+"""The examples run as written (the README and the issue call them part of the product)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import runpy
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def test_jit_generate_traces_once(capsys):
+    runpy.run_path(str(EXAMPLES / "jit_generate.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "traced 1 time(s) for 2 calls" in out
+    assert out.count("spec") == 2 and "agreement with AR [1.0" in out  # greedy spec == greedy AR
+
+
+def test_convert_and_generate_script(golden_dir, tmp_path):
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
+    proc = subprocess.run(["bash", str(EXAMPLES / "convert_and_generate.sh"), str(golden_dir), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    records = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+    assert [r["mode"] for r in records] == ["ar", "diffusion", "spec"]
+    assert all(r["tokens"] for r in records)
+    assert (tmp_path / "hf-again" / "model.safetensors.index.json").exists()
+    assert (tmp_path / "hf-again" / "linear_spec_lora" / "adapter_config.json").exists()
+
+
+def test_finetune_sft_and_lora(golden_dir, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"def f{i}(x):", "response": f"\n    return x + {i}\n"})
+                              for i in range(4)) + "\n")
+    finetune = runpy.run_path(str(EXAMPLES / "finetune.py"))["main"]
+    finetune(["--checkpoint", str(golden_dir), "--data", str(data), "--mode", "sft", "--out", str(tmp_path / "sft"),
+              "--steps", "2", "--batch", "2", "--seq-len", "24"])
+    finetune(["--checkpoint", str(golden_dir), "--data", str(ROOT / "nld_jax" / "config.py"), "--mode", "lora",
+              "--out", str(tmp_path / "lora"), "--steps", "2", "--batch", "2", "--seq-len", "32",
+              "--block-sizes", "8"])
+    import nld_jax
+
+    for name in ("sft", "lora"):
+        model = nld_jax.load(tmp_path / name)
+        assert model.lora is not None
+        out = nld_jax.generate(model, ["def g(x):"], mode="spec", max_new_tokens=8, use_lora=True)
+        assert out.tokens[0]
+
+
+def test_colab_notebook_executes_top_to_bottom(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(EXAMPLES / "colab_demo.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 2  # the unmasking heat map and the accepted lengths
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "greedy spec == greedy AR: True" in text
+
+
+def test_cli_chat_uses_the_chat_template(golden_dir, tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "chat"
+    shutil.copytree(golden_dir, ckpt, ignore=shutil.ignore_patterns("golden"))
+    cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                            "{% if add_generation_prompt %}[assistant] {% endif %}")
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(cfg))
+    import nld_jax
+    from nld_jax.cli.generate import main
+
+    model = nld_jax.load(ckpt)
+    ids = model.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert ids[0] == model.config.bos_token_id and ids.count(model.config.bos_token_id) == 1
+    assert model.tokenizer.decode(ids).startswith("[user] hi\n[assistant]")
+    answers = iter(["hi", "more", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    assert main(["--checkpoint", str(ckpt), "--chat", "--mode", "spec", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("nld> ") == 2
