@@ -3,7 +3,10 @@
 For a random NLD config (default ~110M parameters; ``--size 60m`` for the ~60M one the speed
 goals name), prints per mode and batch size: tokens/s, TPF, the mean time of one forward, and
 that time divided by the floor = weight bytes / measured read bandwidth (a forward must read
-every weight once). Random weights make diffusion unmask ~1 token per step and speculation accept
+every weight once). A forward over a block of C tokens also does ~2 * C * (matmul weights) FLOPs;
+the ``x compute`` column divides the forward time by the larger of the two floors (that FLOP
+count at the matmul throughput measured here on the LM head's shape, or the bandwidth floor);
+the compute floor is the one that binds on a CPU at C=32. Random weights make diffusion unmask ~1 token per step and speculation accept
 ~1 token per iteration, so TPF is ~1 (diffusion) and ~0.5 (spec); the per-forward column is the
 one that shows kernel efficiency.
 
@@ -52,6 +55,20 @@ def read_bandwidth(nbytes: int, repeats: int = 10) -> float:
     return nbytes / min(times)
 
 
+def matmul_flops_per_second(config: NLDConfig, rows: int, repeats: int = 10) -> float:
+    """FLOP/s of a jitted ``[rows, hidden] @ [hidden, vocab]`` matmul (the LM head's shape)."""
+    x = jnp.ones((rows, config.hidden_size), jnp.float32)
+    w = jnp.ones((config.hidden_size, config.vocab_size), jnp.float32)
+    f = jax.jit(jnp.dot)
+    f(x, w).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x, w).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2.0 * rows * config.hidden_size * config.vocab_size / min(times)
+
+
 def forwards_of(mode: str, out) -> int:
     # NFE conventions differ by mode (diffusion excludes its prefill); count every forward run.
     return max(n + (1 if mode == "diffusion" else 0) for n in out.nfe)
@@ -90,12 +107,18 @@ def main(argv=None):
     print(f"backend={jax.default_backend()} devices={jax.device_count()} params={config.num_params() / 1e6:.1f}M "
           f"weights={wbytes / 2**20:.0f} MiB ({args.dtype}) read bandwidth={bw / 1e9:.1f} GB/s "
           f"-> floor {floor_ms:.2f} ms per forward")
-    print(f"{'mode':<10}{'batch':>6}{'tok/s':>10}{'TPF':>7}{'fwd ms':>9}{'x floor':>9}{'forwards':>10}")
+    # Weights used by matmuls (the embedding is a gather); the head is one of them.
+    matmul_params = config.num_params() - config.vocab_size * config.hidden_size
+    print(f"{'mode':<10}{'batch':>6}{'tok/s':>10}{'TPF':>7}{'fwd ms':>9}{'x floor':>9}{'x compute':>10}"
+          f"{'forwards':>10}")
     for batch in args.batch:
         for mode in ("ar", "diffusion", "spec"):
             r = run(model, mode, batch, args.prompt_len, args.new_tokens, args.repeats, args.threshold)
+            rows = batch * (1 if mode == "ar" else 32)  # tokens through one decode forward
+            compute_ms = 1e3 * 2.0 * rows * matmul_params / matmul_flops_per_second(config, rows)
             print(f"{mode:<10}{batch:>6}{r['tok_s']:>10.1f}{r['tpf']:>7.2f}{r['forward_ms']:>9.2f}"
-                  f"{r['forward_ms'] / floor_ms:>9.2f}{r['forwards']:>10}")
+                  f"{r['forward_ms'] / floor_ms:>9.2f}{r['forward_ms'] / max(floor_ms, compute_ms):>10.2f}"
+                  f"{r['forwards']:>10}")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ position), which is what makes this work on a laptop. Two XLA passes are then sw
 * loop-invariant code motion: XLA:CPU has no native bf16 matmul and upcasts bf16 operands to
   f32; the pass would hoist f32 copies of every stacked weight out of the decode loop (+34 GB
   for the 8B), which no accelerator does;
-* constant folding: the prefill's mask over the (still empty) cache is a compile-time
-  constant of ``[B, K, G, T, S]`` elements, and folding it takes minutes for short prompts
-  and long caches without changing the memory needed.
+* constant folding: masks built only from static positions (iota comparisons) are
+  compile-time constants; folding large ones on the host (earlier versions built one of
+  ``[B, K, G, T, S]`` elements) took minutes at long contexts and changes no buffer size.
 
 Remaining CPU upcasts (e.g. of the cache in its update) make the CPU temporaries an upper
 bound for GPU and TPU.

@@ -121,9 +121,11 @@ def make_train_step(config: NLDConfig, train: TrainConfig, optimizer: optax.Grad
 def _attention_fn(name: str):
     """The ``attention(q, k, v, block_size)`` of the ``block_diff`` layout."""
     if name in ("xla", "xla_dense"):
-        from nld_jax.training.attention import dense_block_diff_attention, structured_block_diff_attention
+        # "xla": the structured version when the block size divides the sequence, else the dense mask
+        # (which also covers a last, partial block).
+        from nld_jax.training.attention import block_diff_attention_xla, dense_block_diff_attention
 
-        return dense_block_diff_attention if name == "xla_dense" else structured_block_diff_attention
+        return dense_block_diff_attention if name == "xla_dense" else block_diff_attention_xla
     from pallas_kernels.block_attention.api import block_diff_attention
 
     return lambda q, k, v, block_size: block_diff_attention(q, k, v, int(block_size), implementation=name)
