@@ -53,6 +53,19 @@ def test_cli_streams_text(golden_dir, capsys, cases):
     assert "TPF" in captured.err
 
 
+def test_cli_all_modes_equal_single_mode_runs(golden_dir, capsys):
+    args = ["--checkpoint", str(golden_dir), "--max-new-tokens", "12", "--json", "--prompt-ids", "1,6,224,43"]
+    assert main(args + ["--mode", "all"]) == 0
+    together = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [r["mode"] for r in together] == ["ar", "diffusion", "spec"]
+    for rec in together:
+        assert main(args + ["--mode", rec["mode"]]) == 0
+        alone = json.loads(capsys.readouterr().out)
+        assert (alone["tokens"], alone["nfe"]) == (rec["tokens"], rec["nfe"])
+    assert main(["--checkpoint", str(golden_dir), "--mode", "all", "--chat"]) == 2
+    assert "one mode" in capsys.readouterr().err
+
+
 def test_cli_errors(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "nope"), "x"]) == 2
     assert "does not exist" in capsys.readouterr().err

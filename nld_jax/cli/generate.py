@@ -3,6 +3,7 @@
 Examples::
 
     nld-generate "def fibonacci(n):"                       # embedded default model, AR
+    nld-generate --mode all "import os"                    # the three modes one after the other
     nld-generate --mode diffusion --block-length 8 "import os"
     nld-generate --checkpoint /ckpt/NLD-8B --mode spec --lora --json "Explain RoPE."
     nld-generate --prompt-ids 1,6,224,43 --mode spec
@@ -17,6 +18,7 @@ import os
 import sys
 
 DEFAULT_PROMPT = "def fibonacci(n):"
+MODES = ("ar", "diffusion", "spec")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompts (default: %(default)s)")
     p.add_argument("--checkpoint", help="checkpoint directory (HF safetensors or converted Orbax); "
                                         "default: the embedded model")
-    p.add_argument("--mode", choices=("ar", "diffusion", "spec"), default="ar")
+    p.add_argument("--mode", choices=MODES + ("all",), default="ar",
+                   help="decoding mode; 'all' runs ar, diffusion and spec in turn on the same prompts")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate (default 128, capped to the model's context)")
     p.add_argument("--block-length", type=int, default=None, help="default: the checkpoint's block_size")
@@ -152,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.chat:
+        if args.mode == "all":
+            print("error: --chat needs one mode (ar, diffusion or spec)", file=sys.stderr)
+            return 2
         _chat(args, model)
         return 0
     prompts: list[list[int]] = []
@@ -167,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         for text in texts:
             prompts.append(model.tokenizer.encode(text))
             labels.append(text)
-        _run(args, model, prompts, labels)
+        for mode in (MODES if args.mode == "all" else (args.mode,)):
+            if args.mode == "all" and not args.json:
+                print(f"--- {mode}", flush=True)
+            _run(argparse.Namespace(**{**vars(args), "mode": mode}), model, prompts, labels)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
