@@ -8,7 +8,7 @@ with an index, plus an fp32 draft LoRA of rank 128, then measures in one run:
 
 * ``cp -r`` of the source against the converter (``python -m checkpoints_convert``) on the same
   files: throughput ratio, target >= 1/3 of cp;
-* the converter's peak RSS (``ru_maxrss`` of its process), target <= 2 GiB + largest tensor,
+* the converter's peak RSS (``VmHWM`` of its process image), target <= 2 GiB + largest tensor,
   independent of the number of layers; the same for ``--reverse``;
 * load time of the Orbax result with ``nld_jax.load`` (and of the HF source, for reference).
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                                         str(info["bytes"])])[0])
         runs["convert"].append(converter(str(src), fresh(orbax_dir)))
         runs["reverse"].append(converter(str(orbax_dir), fresh(back), "--reverse"))
-    load, out = run_child([sys.executable, "-c", _LOAD_SNIPPET, str(orbax_dir)])
+    _, out = run_child([sys.executable, "-c", _LOAD_SNIPPET, str(orbax_dir)])
     t_load = float(out.split("LOAD_SECONDS")[1].split()[0])
     rss_load = int(out.split("PEAK_RSS_KIB")[1].split()[0]) / 1024
     _, out = run_child([sys.executable, "-c", _LOAD_SNIPPET, str(src)])

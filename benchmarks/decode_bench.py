@@ -55,10 +55,10 @@ def read_bandwidth(nbytes: int, repeats: int = 10) -> float:
     return nbytes / min(times)
 
 
-def matmul_flops_per_second(config: NLDConfig, rows: int, repeats: int = 10) -> float:
+def matmul_flops_per_second(config: NLDConfig, rows: int, dtype, repeats: int = 10) -> float:
     """FLOP/s of a jitted ``[rows, hidden] @ [hidden, vocab]`` matmul (the LM head's shape)."""
-    x = jnp.ones((rows, config.hidden_size), jnp.float32)
-    w = jnp.ones((config.hidden_size, config.vocab_size), jnp.float32)
+    x = jnp.ones((rows, config.hidden_size), dtype)
+    w = jnp.ones((config.hidden_size, config.vocab_size), dtype)
     f = jax.jit(jnp.dot)
     f(x, w).block_until_ready()
     times = []
@@ -77,7 +77,7 @@ def forwards_of(mode: str, out) -> int:
 def run(model, mode, batch, prompt_len, new_tokens, repeats, threshold):
     rng = np.random.default_rng(0)
     prompts = rng.integers(5, model.config.vocab_size, size=(batch, prompt_len)).tolist()
-    kw = dict(mode=mode, max_new_tokens=new_tokens, block_length=32,
+    kw = dict(mode=mode, max_new_tokens=new_tokens, block_length=model.config.block_size,
               threshold=threshold if mode == "diffusion" else None)
     nld_jax.generate(model, prompts, **kw)  # compile
     results = [nld_jax.generate(model, prompts, **kw) for _ in range(repeats)]
@@ -111,11 +111,14 @@ def main(argv=None):
     matmul_params = config.num_params() - config.vocab_size * config.hidden_size
     print(f"{'mode':<10}{'batch':>6}{'tok/s':>10}{'TPF':>7}{'fwd ms':>9}{'x floor':>9}{'x compute':>10}"
           f"{'forwards':>10}")
+    flops_per_second = {}  # by rows per forward (diffusion and spec share theirs)
     for batch in args.batch:
         for mode in ("ar", "diffusion", "spec"):
             r = run(model, mode, batch, args.prompt_len, args.new_tokens, args.repeats, args.threshold)
-            rows = batch * (1 if mode == "ar" else 32)  # tokens through one decode forward
-            compute_ms = 1e3 * 2.0 * rows * matmul_params / matmul_flops_per_second(config, rows)
+            rows = batch * (1 if mode == "ar" else config.block_size)  # tokens through one decode forward
+            if rows not in flops_per_second:
+                flops_per_second[rows] = matmul_flops_per_second(config, rows, jnp.dtype(args.dtype))
+            compute_ms = 1e3 * 2.0 * rows * matmul_params / flops_per_second[rows]
             print(f"{mode:<10}{batch:>6}{r['tok_s']:>10.1f}{r['tpf']:>7.2f}{r['forward_ms']:>9.2f}"
                   f"{r['forward_ms'] / floor_ms:>9.2f}{r['forward_ms'] / max(floor_ms, compute_ms):>10.2f}"
                   f"{r['forwards']:>10}")

@@ -13,14 +13,15 @@ import contextlib
 import dataclasses
 import json
 import os
-import struct
+import shutil
 from typing import Iterator
 
 import numpy as np
 
 # _lora_rank_alpha: the loader's PEFT adapter_config validation, shared so that the converter
 # accepts exactly the adapters nld_jax.load accepts.
-from nld_jax.checkpoint.hf import (INDEX_FILE, LORA_DIR, PICKLE_SUFFIXES, CheckpointError, HFCheckpoint,
+from nld_jax.checkpoint.hf import (ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_INDEX, INDEX_FILE, LORA_DIR,
+                                   PICKLE_SUFFIXES, CheckpointError, HFCheckpoint,
                                    _lora_rank_alpha)
 from nld_jax.checkpoint.safetensors_io import SafetensorsFile
 from nld_jax.config import NLDConfig, config_from_hf
@@ -28,11 +29,8 @@ from nld_jax.config import NLDConfig, config_from_hf
 from checkpoints_convert.key_map import KeyMap
 
 __all__ = ["TensorFiles", "LoraSource", "HFSource", "open_hf_source", "refuse_non_directory",
-           "side_files", "ADAPTER_CONFIG", "ADAPTER_FILE", "ADAPTER_INDEX"]
+           "side_files", "copy_side_files"]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_FILE = "adapter_model.safetensors"
-ADAPTER_INDEX = "adapter_model.safetensors.index.json"
 # Index and metadata files of either layout: never carried along as "side files".
 _NOT_SIDE_FILES = {INDEX_FILE, "nld_metadata.json", "_CHECKPOINT_METADATA", "commit_success.txt"}
 
@@ -44,15 +42,6 @@ def _no_duplicates(pairs, where: str):
             raise CheckpointError(f"{where}: tensor {key!r} is listed twice")
         seen[key] = value
     return seen
-
-
-def _header_order(path: str) -> list[str]:
-    """Tensor names of one file in data-offset order, refusing a name listed twice."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n), object_pairs_hook=lambda p: _no_duplicates(p, path))
-    header.pop("__metadata__", None)
-    return sorted(header, key=lambda name: header[name]["data_offsets"][0])
 
 
 class TensorFiles:
@@ -67,9 +56,10 @@ class TensorFiles:
         ckpt = HFCheckpoint(directory, single_file=single_file, index_file=index_file)
         self._file: dict[str, SafetensorsFile] = {}
         self.order: list[str] = []  # file by file, in data-offset order: reads stay sequential
-        for path in ckpt.files():
-            st = SafetensorsFile(path)
-            for key in _header_order(path):
+        for st in ckpt.shards():
+            if st.duplicate_names:
+                raise CheckpointError(f"{st.path}: tensor {st.duplicate_names[0]!r} is listed twice")
+            for key in st.keys_in_file_order():
                 self._file[key] = st
                 self.order.append(key)
         self.paths = ckpt.files()
@@ -153,6 +143,14 @@ def side_files(directory: str) -> list[str]:
         if name.endswith((".safetensors", *PICKLE_SUFFIXES)) or name.endswith(".safetensors.index.json"):
             continue
         names.append(name)
+    return names
+
+
+def copy_side_files(src: str, dst: str, names: list[str] | None = None) -> list[str]:
+    """Copy ``names`` (default: :func:`side_files` of ``src``) verbatim; returns the names."""
+    names = side_files(src) if names is None else names
+    for name in names:
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
     return names
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from nld_jax.checkpoint.hf import CheckpointError
+from nld_jax.checkpoint.hf import CheckpointError, check_tensor_set, key_listing
 from nld_jax.config import NLDConfig
 from nld_jax.params import ParamSpec, lora_specs, param_specs
 
@@ -98,20 +98,8 @@ class KeyMap:
     def check_source(self, keys: Iterable[str], shape_of: Callable[[str], tuple[int, ...]],
                      dtype_of: Callable[[str], np.dtype], where: str) -> None:
         """Every route present once with its shape and a floating dtype; nothing else present."""
-        keys = list(keys)
-        present = set(keys)
-        missing = [r.hf_key for r in self.routes if r.hf_key not in present]
-        if missing:
-            raise CheckpointError(f"{where}: missing tensor(s) {_listing(missing)}")
-        unknown = [k for k in keys if k not in self.by_key]
-        if unknown:
-            raise CheckpointError(f"{where}: unknown tensor(s) {_listing(unknown)}: not part of the "
-                                  "architecture that config.json describes")
+        check_tensor_set(where, keys, shape_of, {r.hf_key: r.hf_shape for r in self.routes})
         for route in self.routes:
-            shape = tuple(shape_of(route.hf_key))
-            if shape != route.hf_shape:
-                raise CheckpointError(f"{where}: tensor {route.hf_key!r} has shape {list(shape)}, "
-                                      f"config.json implies {list(route.hf_shape)}")
             dtype = np.dtype(dtype_of(route.hf_key))
             if dtype.name not in FLOAT_DTYPES:
                 raise CheckpointError(f"{where}: tensor {route.hf_key!r} has dtype {dtype.name}; "
@@ -123,10 +111,10 @@ class KeyMap:
         extra_ok = set(extra_ok)
         missing = [leaf for leaf in self.leaves if leaf not in shapes]
         if missing:
-            raise CheckpointError(f"{where}: missing array(s) {_listing(missing)}")
+            raise CheckpointError(f"{where}: missing array(s) {key_listing(missing)}")
         unknown = [leaf for leaf in shapes if leaf not in self.leaves and leaf not in extra_ok]
         if unknown:
-            raise CheckpointError(f"{where}: unknown array(s) {_listing(unknown)}: not part of the "
+            raise CheckpointError(f"{where}: unknown array(s) {key_listing(unknown)}: not part of the "
                                   "architecture that config.json describes")
         for leaf, spec in self.leaves.items():
             if tuple(shapes[leaf]) != spec.shape:
@@ -172,9 +160,4 @@ class Ledger:
     def check_complete(self) -> None:
         left = sorted(self._expected - self._done)
         if left:
-            raise CheckpointError(f"tensor(s) {_listing(left)} were never converted")
-
-
-def _listing(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+            raise CheckpointError(f"tensor(s) {key_listing(left)} were never converted")

@@ -34,8 +34,9 @@ import tensorstore as ts
 
 from nld_jax.checkpoint.hf import CheckpointError
 from nld_jax.config import config_to_hf, load_hf_config
-from nld_jax.loading import NLDModel
+from nld_jax.loading import NLDModel, is_converted_dir
 from nld_jax.params import flatten_tree, tree_from_flat
+from nld_jax.sharding import replicated
 from nld_jax.tokenizer import load_tokenizer
 
 from checkpoints_convert.atomic_output import atomic_output_dir
@@ -190,10 +191,6 @@ def stored_shapes(leaves: Mapping[str, ts.TensorStore]) -> tuple[dict, dict]:
             {k: np.dtype(a.dtype.numpy_dtype) for k, a in leaves.items()})
 
 
-def is_converted_dir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, PARAMS_ITEM)) and os.path.exists(os.path.join(path, METADATA_FILE))
-
-
 # --------------------------------------------------------------------------------------
 # Loading (Orbax restore) and saving in-memory weights
 # --------------------------------------------------------------------------------------
@@ -235,22 +232,19 @@ def _restore(item_dir: str, wanted: dict[str, tuple[tuple[int, ...], Any, jax.sh
 
 def _replicated_like(flat: dict[str, jax.sharding.Sharding] | None, default: jax.sharding.Sharding):
     """Replicated over the mesh of the given weight shardings (for the small LoRA), else ``default``."""
-    if flat:
-        first = next(iter(flat.values()))
-        if isinstance(first, jax.sharding.NamedSharding):
-            return jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
-    return default
+    first = next(iter(flat.values()), None) if flat else None
+    return replicated(first.mesh) if isinstance(first, jax.sharding.NamedSharding) else default
 
 
 def load_orbax(path, dtype=jnp.float32, *, load_lora: bool = True, load_tokenizer_files: bool = True,
-               shardings=None, lora_shardings=None) -> NLDModel:
+               shardings=None) -> NLDModel:
     """Load a converted checkpoint directory.
 
     ``dtype``: the weights' dtype after loading (None keeps the stored dtype); the LoRA is always
     float32, as PEFT runs it. ``shardings``: a pytree of ``jax.sharding.Sharding`` with the
     structure of the weights; each device then reads only the chunks of its own shard. Without
-    it every leaf goes to the first device. ``lora_shardings`` likewise for ``{A, B, scale}``
-    (default: replicated over the mesh of ``shardings``).
+    it every leaf goes to the first device. The LoRA ``{A, B, scale}`` is replicated over the
+    mesh of ``shardings`` (it is small; callers reshard it if they like).
     """
     path = os.path.abspath(os.fspath(path))
     read_metadata(path)  # checks format and version
@@ -275,10 +269,8 @@ def load_orbax(path, dtype=jnp.float32, *, load_lora: bool = True, load_tokenize
         lora_map.check_stored(lora_shapes, lora_dtypes, lora_dir, extra_ok=["scale"])
         if lora_shapes.get("scale") != ():
             raise CheckpointError(f"{lora_dir}: missing scalar array 'scale'")
-        lora_flat = _flat_shardings(lora_shardings, [*lora_map.leaves, "scale"], "lora_shardings")
-        replicated = _replicated_like(flat, default)
-        lora = _restore(lora_dir, {leaf: (shape, jnp.float32, lora_flat[leaf] if lora_flat else replicated)
-                                   for leaf, shape in lora_shapes.items()})
+        lora_sharding = _replicated_like(flat, default)
+        lora = _restore(lora_dir, {leaf: (shape, jnp.float32, lora_sharding) for leaf, shape in lora_shapes.items()})
     tok = load_tokenizer(path, config.bos_token_id, config.eos_token_id) if load_tokenizer_files else None
     return NLDModel(config, params, lora, tok, path)
 
@@ -305,7 +297,9 @@ def _write_tree(item_dir: str, flat: dict[str, Any], stacked: dict[str, bool]) -
 def _recorded_layout(path: str | None) -> tuple[dict | None, dict | None]:
     """The HF shard layout and PEFT adapter config of the directory a model was loaded from, so
     that ``--reverse`` of re-saved (e.g. fine-tuned) weights writes the same files again."""
-    from checkpoints_convert.hf_source import ADAPTER_CONFIG, TensorFiles
+    from nld_jax.checkpoint.hf import ADAPTER_CONFIG
+
+    from checkpoints_convert.hf_source import TensorFiles
 
     if not path or not os.path.isdir(path):
         return None, None
@@ -332,9 +326,7 @@ def save_orbax(model: NLDModel, path, *, overwrite: bool = False, config_json: d
     is ``config_json`` or the source's or built from the config. Single-process: each leaf must
     be fully addressable from this host.
     """
-    import shutil
-
-    from checkpoints_convert.hf_source import side_files
+    from checkpoints_convert.hf_source import copy_side_files
 
     started = time.time_ns()
     layout, adapter_config = _recorded_layout(model.path)
@@ -354,11 +346,7 @@ def save_orbax(model: NLDModel, path, *, overwrite: bool = False, config_json: d
             items.append(LORA_ITEM)
             rank = int(lora["A"].shape[-1])
             lora_meta = {"rank": rank, "alpha": float(lora["scale"]) * rank, "adapter_config": adapter_config}
-        copied = []
-        if model.path and os.path.isdir(model.path):
-            for name in side_files(model.path):
-                shutil.copyfile(os.path.join(model.path, name), os.path.join(tmp, name))
-                copied.append(name)
+        copied = copy_side_files(model.path, tmp) if model.path and os.path.isdir(model.path) else []
         if config_json is not None or "config.json" not in copied:
             write_json(os.path.join(tmp, "config.json"), config_json or config_to_hf(model.config))
             copied = sorted(set(copied) | {"config.json"})

@@ -9,22 +9,18 @@ The file writes run on a background thread so that the next strip is gathered me
 
 from __future__ import annotations
 
-import json
 import os
 import queue
-import struct
 import threading
 from typing import Callable, Iterable
 
 import numpy as np
 
-from nld_jax.checkpoint.hf import INDEX_FILE, CheckpointError
-from nld_jax.checkpoint.safetensors_io import DTYPES
+from nld_jax.checkpoint.hf import CheckpointError
+from nld_jax.checkpoint.hf_write import shard_plan
+from nld_jax.checkpoint.safetensors_io import SafetensorsError, encode_header
 
-__all__ = ["SafetensorsStreamWriter", "BufferPool", "plan_shards", "write_index", "shard_name"]
-
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-
+__all__ = ["SafetensorsStreamWriter", "BufferPool", "plan_shards"]
 
 class BufferPool:
     """A few reusable byte buffers: a strip is gathered into one while another is being written.
@@ -96,27 +92,17 @@ class SafetensorsStreamWriter:
 
     def __init__(self, path: str, entries: list[tuple[str, np.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
-        header: dict = {}
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-        offset = 0
-        self._entries = []
-        for name, dtype, shape in entries:
-            dtype = np.dtype(dtype)
-            if dtype not in _DTYPE_NAMES:
-                raise CheckpointError(f"cannot write tensor {name!r} of dtype {dtype} to safetensors")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self._entries.append((name, dtype, tuple(shape), nbytes))
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned
+        try:
+            prefix, sizes = encode_header(entries, metadata)
+        except SafetensorsError as e:
+            raise CheckpointError(f"{e} to safetensors") from None
+        self._entries = [(name, np.dtype(dtype), tuple(shape), nbytes)
+                         for (name, dtype, shape), nbytes in zip(entries, sizes)]
         self.path = path
-        self.data_bytes = offset
+        self.data_bytes = sum(sizes)
         self._next = 0
         self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(blob)))
-        self._file.write(blob)
+        self._file.write(prefix)
         self._appender = _BackgroundAppender(self._file)
 
     def _announced(self, name: str, dtype: np.dtype | None = None, shape=None) -> int:
@@ -167,10 +153,6 @@ class SafetensorsStreamWriter:
         self._file.close()
 
 
-def shard_name(i: int, n: int) -> str:
-    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-
-
 def _safe_file_name(name) -> bool:
     return (isinstance(name, str) and name.endswith(".safetensors") and os.path.basename(name) == name
             and not name.startswith("."))
@@ -179,29 +161,11 @@ def _safe_file_name(name) -> bool:
 def plan_shards(sizes: dict[str, int], max_shard_bytes: int,
                 recorded: dict[str, str] | None = None) -> list[tuple[str, list[str]]]:
     """``[(file name, [keys])]``: the recorded layout when it covers exactly these keys (a round
-    trip then reproduces the source's files), else greedy shards of at most ``max_shard_bytes``
-    in ``sizes`` order with Hugging Face's names."""
+    trip then reproduces the source's files), else :func:`nld_jax.checkpoint.hf_write.shard_plan`."""
     if recorded and set(recorded) == set(sizes) and all(_safe_file_name(f) for f in recorded.values()):
         files: dict[str, list[str]] = {}
         for key, name in recorded.items():  # recorded order: the source's order inside each file
             files.setdefault(name, []).append(key)
         return list(files.items())
-    groups: list[list[str]] = [[]]
-    used = 0
-    for key, size in sizes.items():
-        if groups[-1] and used + size > max_shard_bytes:
-            groups.append([])
-            used = 0
-        groups[-1].append(key)
-        used += size
-    return [(shard_name(i, len(groups)), keys) for i, keys in enumerate(groups)]
+    return shard_plan(sizes, max_shard_bytes)
 
-
-def write_index(directory: str, plan: list[tuple[str, list[str]]], sizes: dict[str, int]) -> None:
-    """``model.safetensors.index.json``, as transformers writes it (weight map sorted by key)."""
-    weight_map = {key: name for name, keys in plan for key in keys}
-    index = {"metadata": {"total_size": int(sum(sizes.values()))},
-             "weight_map": dict(sorted(weight_map.items()))}
-    with open(os.path.join(directory, INDEX_FILE), "w") as f:
-        json.dump(index, f, indent=2)
-        f.write("\n")

@@ -12,7 +12,9 @@ import os
 import jax
 import numpy as np
 
-from nld_jax.checkpoint.hf import INDEX_FILE, LORA_DIR
+from nld_jax.checkpoint.hf import INDEX_FILE, LORA_DIR, expand_keys
+from nld_jax.checkpoint import hf_write
+from nld_jax.checkpoint.hf_write import peft_adapter_config, write_index
 from nld_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from nld_jax.config import NLDConfig, config_to_hf
 from nld_jax.params import flatten_tree, init_lora, init_params, lora_specs, param_specs
@@ -24,24 +26,13 @@ __all__ = ["hf_tensors", "write_hf_checkpoint", "random_hf_checkpoint", "write_l
 def hf_tensors(config: NLDConfig, params: dict, dtype=None) -> dict[str, np.ndarray]:
     """``{HF key: array}`` in NVIDIA's layout and canonical order."""
     flat = flatten_tree(params)
-    out = {}
-    for path, spec in param_specs(config).items():
-        value = np.asarray(flat[path])
-        for n in range(config.L) if spec.stacked else [None]:
-            key = spec.hf_key.format(n=n) if spec.stacked else spec.hf_key
-            tensor = np.ascontiguousarray(spec.to_hf(value[n] if spec.stacked else value))
-            out[key] = tensor.astype(dtype) if dtype is not None else tensor
-    return out
+    return {key: np.ascontiguousarray(t if dtype is None else t.astype(dtype))
+            for key, t in hf_write.hf_tensors(param_specs(config), config.L, flat.__getitem__)}
 
 
 def _lora_tensors(config: NLDConfig, lora: dict) -> dict[str, np.ndarray]:
-    rank = int(lora["A"].shape[-1])
-    out = {}
-    for name, spec in lora_specs(config, rank).items():
-        value = np.asarray(lora[name])
-        for n in range(config.L):
-            out[spec.hf_key.format(n=n)] = np.ascontiguousarray(spec.to_hf(value[n]))
-    return out
+    specs = lora_specs(config, int(lora["A"].shape[-1]))
+    return {key: np.ascontiguousarray(t) for key, t in hf_write.hf_tensors(specs, config.L, lora.__getitem__)}
 
 
 def write_hf_checkpoint(directory: str, config: NLDConfig, params: dict, *, lora: dict | None = None,
@@ -74,8 +65,7 @@ def write_hf_checkpoint(directory: str, config: NLDConfig, params: dict, *, lora
         write_safetensors(os.path.join(lora_dir, "adapter_model.safetensors"), _lora_tensors(config, lora),
                           {"format": "pt"})
         with open(os.path.join(lora_dir, "adapter_config.json"), "w") as f:
-            json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": float(lora["scale"]) * rank,
-                       "target_modules": ["o_proj"], "lora_dropout": 0.0, "bias": "none"}, f, indent=2)
+            json.dump(peft_adapter_config(rank, float(lora["scale"]) * rank), f, indent=2)
     return directory
 
 
@@ -107,7 +97,7 @@ def write_large_random_checkpoint(directory: str, config: NLDConfig, *, max_shar
 
     Returns ``{"bytes": total tensor bytes, "largest": largest tensor bytes, "files": n}``.
     """
-    from checkpoints_convert.safetensors_stream import SafetensorsStreamWriter, plan_shards, write_index
+    from checkpoints_convert.safetensors_stream import SafetensorsStreamWriter, plan_shards
 
     import ml_dtypes
 
@@ -115,8 +105,8 @@ def write_large_random_checkpoint(directory: str, config: NLDConfig, *, max_shar
     rng = np.random.default_rng(seed)
     shapes = {}
     for spec in param_specs(config).values():
-        for n in range(config.L) if spec.stacked else [None]:
-            shapes[spec.hf_key.format(n=n) if spec.stacked else spec.hf_key] = spec.hf_shape
+        for key in expand_keys(spec, config.L):
+            shapes[key] = spec.hf_shape
     bf16 = np.dtype(ml_dtypes.bfloat16)
     sizes = {k: int(np.prod(s)) * bf16.itemsize for k, s in shapes.items()}
     plan = plan_shards(sizes, max_shard_bytes)
@@ -139,8 +129,7 @@ def write_large_random_checkpoint(directory: str, config: NLDConfig, *, max_shar
                 tensors[spec.hf_key.format(n=n)] = (0.01 * rng.standard_normal(spec.hf_shape, np.float32))
         write_safetensors(os.path.join(lora_dir, "adapter_model.safetensors"), tensors, {"format": "pt"})
         with open(os.path.join(lora_dir, "adapter_config.json"), "w") as f:
-            json.dump({"peft_type": "LORA", "r": lora_rank, "lora_alpha": 4 * lora_rank,
-                       "target_modules": ["o_proj"], "lora_dropout": 0.0, "bias": "none"}, f, indent=2)
+            json.dump(peft_adapter_config(lora_rank, 4 * lora_rank), f, indent=2)
         total += sum(t.nbytes for t in tensors.values())
     return {"bytes": total, "largest": max(sizes.values()), "files": len(plan)}
 

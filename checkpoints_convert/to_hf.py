@@ -13,22 +13,22 @@ import collections
 import functools
 import json
 import os
-import shutil
 import time
 from typing import Callable, Iterator
 
 import numpy as np
 import tensorstore as ts
 
-from nld_jax.checkpoint.hf import LORA_DIR, CheckpointError
+from nld_jax.checkpoint.hf import ADAPTER_CONFIG, ADAPTER_FILE, LORA_DIR, CheckpointError
+from nld_jax.checkpoint.hf_write import peft_adapter_config, write_index
 from nld_jax.config import load_hf_config
 
 from checkpoints_convert.atomic_output import atomic_output_dir, check_not_overlapping, terminate_as_exit
-from checkpoints_convert.hf_source import ADAPTER_CONFIG, ADAPTER_FILE, side_files
+from checkpoints_convert.hf_source import copy_side_files
 from checkpoints_convert.key_map import LORA_ITEM, PARAMS_ITEM, KeyMap, Ledger, TensorRoute
 from checkpoints_convert.orbax_io import open_item, stored_shapes
 from checkpoints_convert.provenance import read_metadata
-from checkpoints_convert.safetensors_stream import BufferPool, SafetensorsStreamWriter, plan_shards, write_index
+from checkpoints_convert.safetensors_stream import BufferPool, SafetensorsStreamWriter, plan_shards
 from checkpoints_convert.streaming import chunk_blocks, copy_blocked, slowest_axis
 from checkpoints_convert.to_orbax import ConversionReport, _progress_bar, parse_dtype
 from checkpoints_convert.verify import verify_conversion
@@ -134,9 +134,7 @@ def _adapter_config(meta_lora: dict | None, rank: int, scale: float) -> dict:
     recorded = (meta_lora or {}).get("adapter_config")
     if recorded and int(recorded.get("r", -1)) == rank and float(recorded.get("lora_alpha", 0)) / rank == scale:
         return recorded
-    return {"peft_type": "LORA", "r": rank, "lora_alpha": scale * rank, "target_modules": ["o_proj"],
-            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-            "use_dora": False, "use_rslora": False, "base_model_name_or_path": "..", "task_type": None}
+    return peft_adapter_config(rank, scale * rank)
 
 
 def _torch_dtype_name(dtypes) -> str | None:
@@ -199,8 +197,7 @@ def convert_orbax_to_hf(src, dst, *, dtype=None, lora: bool = True, overwrite: b
                 with open(os.path.join(lora_dir, ADAPTER_CONFIG), "w") as f:
                     json.dump(_adapter_config(meta.get("lora"), rank, scale), f, indent=2)
         ledger.check_complete()
-        for name in side_files(src):
-            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+        copy_side_files(src, tmp)
         _record_dtype(os.path.join(tmp, "config.json"), _torch_dtype_name(out_dtypes.values()))
         report = ConversionReport(src, dst, ledger.used, total, 0.0,
                                   {PARAMS_ITEM: sorted({d.name for d in out_dtypes.values()})}, lora_map is not None)

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 
 import numpy as np
 
 from nld_jax.checkpoint.hf import CheckpointError, INDEX_FILE, LORA_DIR
+from nld_jax.loading import resolve_dtype
 
 from checkpoints_convert.atomic_output import atomic_output_dir, check_not_overlapping, terminate_as_exit
-from checkpoints_convert.hf_source import TensorFiles, open_hf_source
+from checkpoints_convert.hf_source import TensorFiles, copy_side_files, open_hf_source
 from checkpoints_convert.key_map import LORA_ITEM, PARAMS_ITEM, KeyMap, Ledger
 from checkpoints_convert.orbax_io import CHUNK_BYTES, ItemWriter, write_step_metadata
 from checkpoints_convert.provenance import METADATA_FILE, FileHasher, build_metadata, write_json
@@ -27,19 +27,15 @@ from checkpoints_convert.verify import VerifyReport, verify_conversion
 
 __all__ = ["ConversionReport", "convert_hf_to_orbax", "parse_dtype"]
 
-_DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "f32": "float32"}
-
-
 def parse_dtype(dtype) -> np.dtype | None:
-    """None / "keep" -> None (keep the source's); "bfloat16" / "float32" -> numpy dtype."""
+    """None / "keep" -> None (keep the source's); "bfloat16" / "float32" (as ``nld_jax.load``
+    spells them) -> numpy dtype."""
     if dtype is None or (isinstance(dtype, str) and dtype.lower() == "keep"):
         return None
-    name = _DTYPE_NAMES.get(str(dtype).lower()) if isinstance(dtype, str) else np.dtype(dtype).name
-    if name not in ("bfloat16", "float32"):
-        raise ValueError(f"dtype must be bfloat16, float32 or keep, got {dtype!r}")
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(np.float32)
+    try:
+        return np.dtype(resolve_dtype(dtype))
+    except (ValueError, TypeError):
+        raise ValueError(f"dtype must be bfloat16, float32 or keep, got {dtype!r}") from None
 
 
 @dataclasses.dataclass
@@ -147,8 +143,7 @@ def convert_hf_to_orbax(src, dst, *, dtype=None, lora: bool = True, overwrite: b
                              "adapter_config": source.lora.adapter_config,
                              "weight_map": {k: source.lora.tensors.file_of(k) for k in source.lora.tensors.order}}
         ledger.check_complete()
-        for name in source.side_files:  # config.json, tokenizer, generation config, code: verbatim
-            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+        copy_side_files(src, tmp, source.side_files)  # config.json, tokenizer, generation config, code
         layout = {"weight_map": {k: source.tensors.file_of(k) for k in source.tensors.order},
                   "indexed": os.path.exists(os.path.join(src, INDEX_FILE))}
         meta = build_metadata(

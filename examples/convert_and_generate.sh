@@ -17,9 +17,7 @@ echo "== 1. HF safetensors -> Orbax (bf16 kept), checked by a forward on both"
 nld-convert "$SRC" "$ORBAX" --verify --overwrite --no-progress
 
 echo "== 2. generate from the Orbax checkpoint in the three modes"
-for mode in ar diffusion spec; do
-  nld-generate --checkpoint "$ORBAX" --mode "$mode" --max-new-tokens 24 --json "def main():"
-done
+nld-generate --checkpoint "$ORBAX" --mode all --max-new-tokens 24 --json "def main():"
 
 echo "== 3. Orbax -> HF safetensors again (for PyTorch / vLLM / SGLang after fine-tuning)"
 nld-convert "$ORBAX" "$BACK" --reverse --overwrite --no-progress

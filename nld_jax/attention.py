@@ -30,6 +30,19 @@ from nld_jax.sharding import shard_kernel
 __all__ = ["attention", "attention_xla"]
 
 
+def gqa_rows(x: jax.Array, K: int) -> jax.Array:
+    """``[B, T, H, Dh]`` -> ``[B, K, T*G, Dh]``: the G query heads of each KV head and the T
+    positions as rows of one matmul per KV head (row ``t*G + g``)."""
+    B, T, H, Dh = x.shape
+    return x.reshape(B, T, K, H // K, Dh).transpose(0, 2, 1, 3, 4).reshape(B, K, T * (H // K), Dh)
+
+
+def gqa_unrows(x: jax.Array, T: int, G: int) -> jax.Array:
+    """The inverse of :func:`gqa_rows`: ``[B, K, T*G, Dh]`` -> ``[B, T, K*G, Dh]``."""
+    B, K, _, Dh = x.shape
+    return x.reshape(B, K, T, G, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, K * G, Dh)
+
+
 def attention_xla(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool):
     """Plain XLA attention; the numerical reference for every kernel.
 
@@ -46,7 +59,7 @@ def attention_xla(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool):
     G = H // K
     f32 = jnp.float32
     scale = 1.0 / (Dh ** 0.5)
-    rows = q.reshape(B, T, K, G, Dh).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, Dh)  # row r = t*G + g
+    rows = gqa_rows(q, K)  # row r = t*G + g
     s_cache = jnp.einsum("bkrd,bskd->bkrs", rows, cache_k, preferred_element_type=f32) * scale
     s_block = jnp.einsum("bkrd,bukd->bkru", rows, k, preferred_element_type=f32) * scale
 
@@ -60,7 +73,7 @@ def attention_xla(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool):
     p_cache, p_block = probs[..., :S].astype(v.dtype), probs[..., S:].astype(v.dtype)
     out = jnp.einsum("bkrs,bskd->bkrd", p_cache, cache_v, preferred_element_type=f32)
     out = out + jnp.einsum("bkru,bukd->bkrd", p_block, v, preferred_element_type=f32)
-    return out.reshape(B, K, T, G, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, H, Dh).astype(q.dtype)
+    return gqa_unrows(out, T, G).astype(q.dtype)
 
 
 def attention(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool, implementation: str = "auto"):

@@ -66,7 +66,8 @@ class NLDModel:
         self._cache_pool[(cache.batch, cache.size)] = cache
 
 
-def _is_orbax_dir(path: str) -> bool:
+def is_converted_dir(path: str) -> bool:
+    """Whether ``path`` is a checkpoint written by ``nld-convert`` (Orbax), not an HF directory."""
     return os.path.isdir(os.path.join(path, "params")) and os.path.exists(os.path.join(path, "nld_metadata.json"))
 
 
@@ -86,7 +87,7 @@ def load(path: str | os.PathLike | None = None, dtype="float32", *, load_lora: b
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     dt = resolve_dtype(dtype)
-    if _is_orbax_dir(path):
+    if is_converted_dir(path):
         return _load_orbax_sharded(path, dt, load_lora, load_tokenizer_files, mesh, rules, shardings)
     config = load_hf_config(path)
     place = lora_place = None
@@ -123,8 +124,6 @@ def _placers(config: NLDConfig, mesh, rules, shardings):
 
 
 def _load_orbax_sharded(path, dt, load_lora, load_tokenizer_files, mesh, rules, shardings) -> NLDModel:
-    import inspect
-
     from checkpoints_convert.orbax_io import load_orbax  # the converter's format
 
     if mesh is None and shardings is None:
@@ -134,13 +133,9 @@ def _load_orbax_sharded(path, dt, load_lora, load_tokenizer_files, mesh, rules, 
     rules = rules or sh.DEFAULT_RULES
     config = load_hf_config(path)
     shardings = shardings if shardings is not None else sh.param_shardings(config, mesh, rules)
-    if "shardings" in inspect.signature(load_orbax).parameters:
-        # Each device reads only its own chunks; the small LoRA comes replicated and is resharded below.
-        model = load_orbax(path, dtype=dt, load_lora=load_lora, load_tokenizer_files=load_tokenizer_files,
-                           shardings=shardings)
-    else:  # an older converter: load, then place (single-process only)
-        model = load_orbax(path, dtype=dt, load_lora=load_lora, load_tokenizer_files=load_tokenizer_files)
-        model.params = sh.put_tree(model.params, shardings)
+    # Each device reads only its own chunks; the small LoRA comes replicated and is resharded below.
+    model = load_orbax(path, dtype=dt, load_lora=load_lora, load_tokenizer_files=load_tokenizer_files,
+                       shardings=shardings)
     if model.lora is not None:
         mesh = mesh or jax.tree.leaves(shardings)[0].mesh
         model.lora = sh.put_tree(model.lora, sh.lora_shardings(config, mesh, int(model.lora["A"].shape[-1]), rules))

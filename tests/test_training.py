@@ -39,8 +39,8 @@ def test_loss_parity_with_nvidia_training_forward(tiny, golden_dir, cases):
     np.testing.assert_allclose(float(aux["ar_sum"]) / L, meta["model.loss_ar"], rtol=1e-5)
 
 
-def test_block_diff_mask_matches_the_spec_rules():
-    L, b = 12, 4
+@pytest.mark.parametrize("L,b", [(12, 4), (12, 5), (24, 32)])  # also a partial last block
+def test_block_diff_mask_matches_the_spec_rules(L, b):
     m = np.asarray(block_diff_mask(L, b))
     for q in range(2 * L):
         for k in range(2 * L):

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,6 +26,9 @@ __all__ = ["CheckpointError", "HFCheckpoint", "load_hf_params", "load_hf_lora", 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_FILE = "model.safetensors.index.json"
 LORA_DIR = "linear_spec_lora"
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file names inside LORA_DIR
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_INDEX = "adapter_model.safetensors.index.json"
 
 
 class CheckpointError(ValueError):
@@ -92,29 +94,42 @@ class HFCheckpoint:
     def files(self) -> list[str]:
         return [os.path.join(self.directory, n) for n in self._files]
 
+    def shards(self) -> list[SafetensorsFile]:
+        """The opened files, in :meth:`files` order."""
+        return list(self._files.values())
+
 
 def expand_keys(spec: ParamSpec, num_layers: int) -> list[str]:
     return [spec.hf_key.format(n=n) for n in range(num_layers)] if spec.stacked else [spec.hf_key]
 
 
-def _check_accounting(ckpt: HFCheckpoint, specs: dict[str, ParamSpec], num_layers: int,
-                      optional: Iterable[str] = ()) -> None:
-    expected = {}
-    for path, spec in specs.items():
-        for key in expand_keys(spec, num_layers):
-            expected[key] = spec.hf_shape
-    missing = [k for k in expected if k not in ckpt and k not in optional]
+def check_tensor_set(where: str, keys: Iterable[str], shape_of: Callable[[str], tuple[int, ...]],
+                     expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Exactly the ``expected`` tensors, each with its shape; an error names the offending keys.
+    Shared by the loader and the converter's key map."""
+    keys = list(keys)
+    present = set(keys)
+    missing = [k for k in expected if k not in present]
     if missing:
-        raise CheckpointError(f"{ckpt.directory}: missing tensor(s) {missing[:5]}"
-                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    unknown = [k for k in ckpt.keys() if k not in expected]
+        raise CheckpointError(f"{where}: missing tensor(s) {key_listing(missing)}")
+    unknown = [k for k in keys if k not in expected]
     if unknown:
-        raise CheckpointError(f"{ckpt.directory}: unexpected tensor(s) {unknown[:5]} (not part of the "
-                              "architecture in config.json)")
+        raise CheckpointError(f"{where}: unknown tensor(s) {key_listing(unknown)}: not part of the "
+                              "architecture that config.json describes")
     for key, shape in expected.items():
-        if key in ckpt and ckpt.shape(key) != tuple(shape):
-            raise CheckpointError(f"{ckpt.directory}: tensor {key!r} has shape {list(ckpt.shape(key))}, "
+        if tuple(shape_of(key)) != tuple(shape):
+            raise CheckpointError(f"{where}: tensor {key!r} has shape {list(shape_of(key))}, "
                                   f"config.json implies {list(shape)}")
+
+
+def key_listing(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _check_accounting(ckpt: HFCheckpoint, specs: dict[str, ParamSpec], num_layers: int) -> None:
+    expected = {key: spec.hf_shape for spec in specs.values() for key in expand_keys(spec, num_layers)}
+    check_tensor_set(ckpt.directory, ckpt.keys(), ckpt.shape, expected)
 
 
 def read_param(ckpt: HFCheckpoint, spec: ParamSpec, num_layers: int, dtype) -> np.ndarray:
@@ -165,17 +180,16 @@ def load_hf_lora(directory: str | os.PathLike, config: NLDConfig,
     directory = os.fspath(directory)
     lora_dir = os.path.join(directory, LORA_DIR)
     if not os.path.isdir(lora_dir):
-        if os.path.exists(os.path.join(directory, "adapter_config.json")):
+        if os.path.exists(os.path.join(directory, ADAPTER_CONFIG)):
             lora_dir = directory
         else:
             return None
-    cfg_path = os.path.join(lora_dir, "adapter_config.json")
+    cfg_path = os.path.join(lora_dir, ADAPTER_CONFIG)
     if not os.path.exists(cfg_path):
-        raise CheckpointError(f"{lora_dir} has no adapter_config.json")
+        raise CheckpointError(f"{lora_dir} has no {ADAPTER_CONFIG}")
     with open(cfg_path) as f:
         rank, alpha = _lora_rank_alpha(json.load(f), lora_dir)
-    ckpt = HFCheckpoint(lora_dir, single_file="adapter_model.safetensors",
-                        index_file="adapter_model.safetensors.index.json")
+    ckpt = HFCheckpoint(lora_dir, single_file=ADAPTER_FILE, index_file=ADAPTER_INDEX)
     specs = lora_specs(config, rank)
     _check_accounting(ckpt, specs, config.L)
     place = place or (lambda path, x: jnp.asarray(x))

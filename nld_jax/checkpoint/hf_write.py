@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from nld_jax.checkpoint.hf import INDEX_FILE, LORA_DIR
+from nld_jax.checkpoint.hf import ADAPTER_CONFIG, ADAPTER_FILE, INDEX_FILE, LORA_DIR
 from nld_jax.checkpoint.safetensors_io import write_safetensors
 from nld_jax.config import NLDConfig, config_to_hf
 from nld_jax.params import ParamSpec, flatten_tree, lora_specs, param_specs
 
-__all__ = ["hf_tensors", "write_sharded", "save_hf_checkpoint", "save_hf_lora", "TOKENIZER_FILES"]
+__all__ = ["hf_tensors", "shard_plan", "write_index", "write_sharded", "save_hf_checkpoint", "save_hf_lora", "peft_adapter_config", "TOKENIZER_FILES"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
@@ -41,33 +41,44 @@ def hf_tensors(specs: dict[str, ParamSpec], num_layers: int,
             yield spec.hf_key, spec.to_hf(np.asarray(value))
 
 
-def write_sharded(directory: str, tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes: int,
-                  metadata: dict | None = None, prefix: str = "model") -> list[str]:
-    """Write tensors into ``{prefix}-0000i-of-0000n.safetensors`` shards (or one ``{prefix}.safetensors``)."""
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for key, arr in tensors:
-        arr = np.ascontiguousarray(arr)
-        if shards[-1] and size + arr.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = arr
-        size += arr.nbytes
-    meta = {"format": "pt", **(metadata or {})}
-    if len(shards) == 1:
-        name = f"{prefix}.safetensors"
-        write_safetensors(os.path.join(directory, name), shards[0], meta)
-        return [name]
-    names, weight_map = [], {}
-    for i, shard in enumerate(shards):
-        name = f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(os.path.join(directory, name), shard, meta)
-        weight_map.update({k: name for k in shard})
-        names.append(name)
-    total = sum(a.nbytes for shard in shards for a in shard.values())
+def shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> list[tuple[str, list[str]]]:
+    """``[(file name, [keys])]``: greedy shards of at most ``max_shard_bytes`` in ``sizes`` order,
+    named as transformers names them (one file: ``model.safetensors``)."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for key, size in sizes.items():
+        if groups[-1] and used + size > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(key)
+        used += size
+    n = len(groups)
+    return [("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors", keys)
+            for i, keys in enumerate(groups)]
+
+
+def write_index(directory: str, plan: list[tuple[str, list[str]]], sizes: dict[str, int]) -> None:
+    """``model.safetensors.index.json``, as transformers writes it (weight map sorted by key)."""
+    weight_map = {key: name for name, keys in plan for key in keys}
+    index = {"metadata": {"total_size": int(sum(sizes.values()))}, "weight_map": dict(sorted(weight_map.items()))}
     with open(os.path.join(directory, INDEX_FILE), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return names
+        json.dump(index, f, indent=2)
+        f.write("\n")
+
+
+def write_sharded(directory: str, tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes: int,
+                  metadata: dict | None = None) -> list[str]:
+    """Write tensors into ``model-0000i-of-0000n.safetensors`` shards with an index (or one
+    ``model.safetensors``); returns the file names."""
+    arrays = {key: np.ascontiguousarray(arr) for key, arr in tensors}
+    sizes = {key: arr.nbytes for key, arr in arrays.items()}
+    plan = shard_plan(sizes, max_shard_bytes)
+    meta = {"format": "pt", **(metadata or {})}
+    for name, keys in plan:
+        write_safetensors(os.path.join(directory, name), {k: arrays[k] for k in keys}, meta)
+    if len(plan) > 1:
+        write_index(directory, plan, sizes)
+    return [name for name, _ in plan]
 
 
 def save_hf_lora(directory: str, config: NLDConfig, lora: dict, alpha: float | None = None) -> None:
@@ -78,12 +89,17 @@ def save_hf_lora(directory: str, config: NLDConfig, lora: dict, alpha: float | N
     os.makedirs(directory, exist_ok=True)
     flat = {k: np.asarray(lora[k], np.float32) for k in ("A", "B")}
     tensors = dict(hf_tensors(lora_specs(config, rank), config.L, flat.__getitem__))
-    write_safetensors(os.path.join(directory, "adapter_model.safetensors"), tensors, {"format": "pt"})
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "base_model_name_or_path": "..", "task_type": None, "r": rank,
-                   "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": ["o_proj"], "bias": "none",
-                   "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
-                   "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}, f, indent=2)
+    write_safetensors(os.path.join(directory, ADAPTER_FILE), tensors, {"format": "pt"})
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+        json.dump(peft_adapter_config(rank, alpha), f, indent=2)
+
+
+def peft_adapter_config(rank: int, alpha: float) -> dict:
+    """PEFT's ``adapter_config.json`` for NLD's draft LoRA (rank ``rank`` on ``o_proj``)."""
+    return {"peft_type": "LORA", "base_model_name_or_path": "..", "task_type": None, "r": int(rank),
+            "lora_alpha": float(alpha), "lora_dropout": 0.0, "target_modules": ["o_proj"], "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
+            "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def save_hf_checkpoint(directory: str, config: NLDConfig, params: dict, *, lora: dict | None = None,

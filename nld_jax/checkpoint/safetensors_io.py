@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
 
-__all__ = ["SafetensorsFile", "write_safetensors", "DTYPES"]
+__all__ = ["SafetensorsFile", "write_safetensors", "encode_header", "DTYPES"]
 
 DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -53,11 +53,14 @@ class SafetensorsFile:
             size = os.path.getsize(self.path)
             if n > size - 8 or n > 100 * 2**20:
                 raise SafetensorsError(f"{self.path}: corrupt header length {n}")
+            duplicates: list[str] = []
             try:
-                header = json.loads(f.read(n))
+                header = json.loads(f.read(n), object_pairs_hook=lambda pairs: _dict_noting_duplicates(pairs, duplicates))
             except json.JSONDecodeError as e:
                 raise SafetensorsError(f"{self.path}: header is not JSON ({e})") from None
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        # A name listed twice in the header (json keeps the last one): strict readers refuse it.
+        self.duplicate_names = duplicates
         self._data_start = 8 + n
         self._entries = header
         data_len = size - self._data_start
@@ -72,6 +75,10 @@ class SafetensorsFile:
 
     def keys(self) -> list[str]:
         return list(self._entries)
+
+    def keys_in_file_order(self) -> list[str]:
+        """Tensor names by data offset: reading in this order reads the file sequentially."""
+        return sorted(self._entries, key=lambda name: self._entries[name]["data_offsets"][0])
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -103,24 +110,41 @@ class SafetensorsFile:
         self._mmap = None
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
-                      metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` (in the given order) to ``path``; bf16 arrays use ml_dtypes.bfloat16."""
+def _dict_noting_duplicates(pairs, duplicates: list[str]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            duplicates.append(key)
+        out[key] = value
+    return out
+
+
+def encode_header(entries: Iterable[tuple[str, np.dtype, tuple[int, ...]]],
+                  metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:
+    """The bytes before the tensor data (length + JSON header) for ``(name, dtype, shape)`` in
+    file order, and each tensor's byte count."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    for name, arr in tensors.items():
-        dt = np.dtype(arr.dtype)
+    offset, sizes = 0, []
+    for name, dtype, shape in entries:
+        dt = np.dtype(dtype)
         if dt not in _NAMES:
             raise SafetensorsError(f"cannot write tensor {name!r} of dtype {dt}")
-        nbytes = arr.size * dt.itemsize
-        header[name] = {"dtype": _NAMES[dt], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        header[name] = {"dtype": _NAMES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        sizes.append(nbytes)
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format aligns tensor data to 8 bytes
+    return struct.pack("<Q", len(blob)) + blob, sizes
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (in the given order) to ``path``; bf16 arrays use ml_dtypes.bfloat16."""
+    prefix, _ = encode_header(((name, arr.dtype, arr.shape) for name, arr in tensors.items()), metadata)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(prefix)
         for arr in tensors.values():
             f.write(np.ascontiguousarray(arr).tobytes())

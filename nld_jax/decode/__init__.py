@@ -7,7 +7,6 @@ returns ``(DecodeOutput, cache)``. It is a pure function: call it inside your ow
 
 from __future__ import annotations
 
-import functools
 
 import jax
 

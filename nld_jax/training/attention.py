@@ -11,13 +11,15 @@ Two versions with the same result:
   backward pass, whose saved probabilities shrink by the same factor.
 
 GQA groups queries (the G heads of a KV head and the positions become rows of one matmul per
-KV head, as in :func:`nld_jax.attention.attention_xla`); softmax in float32.
+KV head, :func:`nld_jax.attention.gqa_rows`); softmax in float32.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from nld_jax.attention import gqa_rows, gqa_unrows
 
 __all__ = ["masked_attention", "dense_block_diff_attention", "structured_block_diff_attention",
            "block_diff_attention_xla"]
@@ -44,17 +46,6 @@ def dense_block_diff_attention(q, k, v, block_size):
     return masked_attention(q, k, v, block_diff_mask(q.shape[1] // 2, block_size))
 
 
-def _rows(x, K: int):
-    """``[B, T, H, Dh]`` -> ``[B, K, T*G, Dh]`` (row ``t*G + g``)."""
-    B, T, H, Dh = x.shape
-    return x.reshape(B, T, K, H // K, Dh).transpose(0, 2, 1, 3, 4).reshape(B, K, T * (H // K), Dh)
-
-
-def _unrows(x, T: int, G: int):
-    B, K, _, Dh = x.shape
-    return x.reshape(B, K, T, G, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, K * G, Dh)
-
-
 def structured_block_diff_attention(q, k, v, block_size: int):
     B, T2, H, Dh = q.shape
     K = k.shape[2]
@@ -65,7 +56,7 @@ def structured_block_diff_attention(q, k, v, block_size: int):
     pos = jnp.arange(L)
 
     # clean -> clean: causal.
-    qc = _rows(q[:, L:], K)  # [B, K, L*G, Dh]
+    qc = gqa_rows(q[:, L:], K)  # [B, K, L*G, Dh]
     s = jnp.einsum("bkrd,bskd->bkrs", qc, kc, preferred_element_type=_F32) * scale
     s = jnp.where(pos[None, :] <= (jnp.arange(L * G) // G)[:, None], s, -jnp.inf)
     out_c = jnp.einsum("bkrs,bskd->bkrd", jax.nn.softmax(s, axis=-1).astype(v.dtype), vc,
@@ -83,7 +74,7 @@ def structured_block_diff_attention(q, k, v, block_size: int):
     out_n = out_n + jnp.einsum("bknru,bnukd->bknrd", p[..., L:], vn.reshape(B, nb, b, K, Dh),
                                preferred_element_type=_F32)
     out_n = out_n.reshape(B, K, nb, b, G, Dh).transpose(0, 2, 3, 1, 4, 5).reshape(B, L, H, Dh)
-    out = jnp.concatenate([out_n, _unrows(out_c, L, G)], axis=1)
+    out = jnp.concatenate([out_n, gqa_unrows(out_c, L, G)], axis=1)
     return out.astype(q.dtype)
 
 

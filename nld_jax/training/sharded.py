@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from nld_jax import sharding as sh
 from nld_jax.config import NLDConfig
-from nld_jax.training.trainer import TrainConfig, TrainState, init_state, make_train_step
+from nld_jax.training.trainer import TrainConfig, init_state, make_train_step
 
 __all__ = ["sharded_train_step", "batch_sharding"]
 
