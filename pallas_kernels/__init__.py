@@ -1,19 +1,20 @@
-"""Pallas kernels for NLD's hot ops, one folder per op.
+"""Pallas kernels for NLD's hot ops, one folder per op; a leaf package (it imports nothing of nld_jax).
 
-* :mod:`pallas_kernels.block_attention`: a query block over (cached prefix ++ the block's own
-  K/V), causal or bidirectional within the block; and the training ``block_diff`` layout.
-* :mod:`pallas_kernels.verify`: the fused LM head + argmax + confidence of the speculative
-  verify / draft steps (no ``[..., V]`` logits in HBM).
+* :mod:`pallas_kernels.block_attention`: a decode block of queries over the KV cache prefix and
+  the block's own keys, with the block's pattern as data (:class:`~.block_attention.BlockPattern`).
+* :mod:`pallas_kernels.block_diff`: the training ``block_diff`` layout, forward and backward.
+* :mod:`pallas_kernels.greedy_head`: the fused LM head + argmax + confidence.
 
-Each folder has a pure-jnp ``reference`` (the oracle), backend kernels and an ``api`` that
-dispatches by ``implementation=``. :mod:`pallas_kernels.register` plugs them into
-:mod:`nld_jax.ops`; importing this package stays light (no kernel module is imported here).
+Each folder has ``reference.py`` (the ``xla`` implementation, also the kernels' oracle), backend
+kernels and ``api.py``, the op's only dispatcher. What ``implementation="auto"`` means is decided
+in one place for every op, :mod:`pallas_kernels.policy`.
 """
 
 IMPLEMENTATIONS = (
-    "pallas_tpu",  # Pallas TPU (Mosaic TPU) kernels: the default on TPU
-    "pallas_triton",  # Pallas Triton kernels: the default on GPU
-    "pallas_mosaic_gpu",  # Pallas Mosaic GPU (Hopper: TMA + wgmma) attention, Triton greedy head
+    "xla",  # the XLA reference (every backend)
+    "pallas_tpu",  # Pallas TPU (Mosaic TPU) kernels
+    "pallas_triton",  # Pallas Triton kernels (GPU)
+    "pallas_mosaic_gpu",  # Pallas Mosaic GPU (Hopper: TMA + wgmma) attention, Triton for the other ops
     "pallas_interpret",  # the TPU kernels run by the Pallas interpreter (any backend; tests)
     "pallas_triton_interpret",  # the Triton kernels run by the Pallas interpreter (any backend; tests)
 )

@@ -1,92 +1,90 @@
-"""Block attention entry points, dispatched by ``implementation=``.
+"""Block attention, dispatched by ``implementation=``: the only dispatcher of this op.
 
-``"auto"`` picks the kernel of the current backend (Pallas TPU on TPU, Pallas Triton on GPU)
-when it supports the shapes and falls back to ``"xla"`` (the jnp reference) otherwise, so CPU
-always runs the reference. Naming a kernel runs it or raises ``NotImplementedError`` saying
-why; ``fallback=True`` (what the model's registry entries use) degrades to the next choice
-instead, so an odd head size never breaks decoding.
+Implementations: ``xla`` (:mod:`.reference`, the oracle), ``pallas_tpu``, ``pallas_triton``,
+``pallas_mosaic_gpu``, and the interpreted ``pallas_interpret`` (the TPU kernels) /
+``pallas_triton_interpret``, which run on any backend, CPU included. ``auto`` is
+:func:`pallas_kernels.policy.auto_implementation` (XLA until a kernel is validated on the
+platform's hardware). Naming a kernel runs it or raises ``NotImplementedError`` saying why;
+``fallback=True`` degrades (Mosaic GPU -> Triton -> XLA) instead.
 
-Implementations: ``xla``, ``pallas_tpu``, ``pallas_triton``, ``pallas_mosaic_gpu``, and the
-interpreted ``pallas_interpret`` (the TPU kernels) / ``pallas_triton_interpret``, which run on
-any backend, CPU included, and are what the CPU test suite checks.
+The kernels take the static patterns ``uniform="causal"`` / ``"bidirectional"`` (every row of the
+batch has that pattern over the whole block); a batch of mixed or structured patterns
+(``uniform=None``) runs on XLA.
 """
 
 from __future__ import annotations
 
-import functools
+from pallas_kernels import policy
+from pallas_kernels.block_attention.pattern import BlockPattern
+from pallas_kernels.block_attention.reference import block_attention_xla
 
-import jax
-
-from pallas_kernels.block_attention.masks import BlockDiffMask
-from pallas_kernels.block_attention.reference import block_attention_reference, block_diff_attention_reference
-
-__all__ = ["IMPLEMENTATIONS", "block_attention", "block_diff_attention", "resolve_implementation",
-           "unsupported_reason"]
+__all__ = ["IMPLEMENTATIONS", "UNIFORM_PATTERNS", "block_attention", "resolve_implementation", "unsupported_reason"]
 
 IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_triton", "pallas_mosaic_gpu", "pallas_interpret",
                    "pallas_triton_interpret")
+UNIFORM_PATTERNS = ("causal", "bidirectional")
 _NEXT_CHOICE = {"pallas_mosaic_gpu": "pallas_triton"}  # then "xla"
 
 
-def _platform() -> str:
-    return jax.default_backend()
-
-
-def unsupported_reason(implementation: str, q_shape, num_kv_heads: int, dtype) -> str | None:
-    """Why ``implementation`` cannot run a query block of ``q_shape`` here, or None if it can."""
+def unsupported_reason(implementation: str, q_shape, num_kv_heads: int, dtype, uniform: str | None) -> str | None:
+    """Why ``implementation`` cannot run this call here, or None if it can."""
     from pallas_kernels.block_attention import kernel_mgpu, kernel_tpu, kernel_triton
 
-    head_dim = q_shape[-1]
-    if implementation in ("xla", "pallas_interpret"):
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown block attention implementation {implementation!r}; choose 'auto' or one of "
+                         f"{IMPLEMENTATIONS}")
+    if implementation == "xla":
+        return None
+    if uniform not in UNIFORM_PATTERNS:
+        return "the kernels take only a batch-uniform causal or bidirectional pattern"
+    head_dim, platform = q_shape[-1], policy.platform()
+    if implementation == "pallas_interpret":
         return None
     if implementation == "pallas_triton_interpret":
         return None if kernel_triton.supported_triton(head_dim) else f"head_dim {head_dim} is not a power of two >= 16"
     if implementation == "pallas_tpu":
-        if _platform() != "tpu":
-            return f"needs a TPU (backend is {_platform()})"
+        if platform != "tpu":
+            return f"needs a TPU (backend is {platform})"
         return None if kernel_tpu.supported_tpu(head_dim) else f"head_dim {head_dim} is not a multiple of 128"
+    if platform != "gpu":
+        return f"needs a GPU (backend is {platform})"
     if implementation == "pallas_triton":
-        if _platform() != "gpu":
-            return f"needs a GPU (backend is {_platform()})"
         return None if kernel_triton.supported_triton(head_dim) else f"head_dim {head_dim} is not a power of two >= 16"
-    if implementation == "pallas_mosaic_gpu":
-        if _platform() != "gpu":
-            return f"needs a GPU (backend is {_platform()})"
-        return kernel_mgpu.unsupported_reason(q_shape, num_kv_heads, dtype)
-    raise ValueError(f"unknown block attention implementation {implementation!r}; choose 'auto' or one of "
-                     f"{IMPLEMENTATIONS}")
+    return kernel_mgpu.unsupported_reason(q_shape, num_kv_heads, dtype)
 
 
-def resolve_implementation(implementation: str, q_shape, num_kv_heads: int, dtype, *,
+def resolve_implementation(implementation: str, q_shape, num_kv_heads: int, dtype, *, uniform: str | None = None,
                            fallback: bool = False) -> str:
     """The implementation that will actually run (see the module docstring)."""
     if implementation == "auto":
-        preferred = {"tpu": "pallas_tpu", "gpu": "pallas_triton"}.get(_platform(), "xla")
-        return resolve_implementation(preferred, q_shape, num_kv_heads, dtype, fallback=True)
-    reason = unsupported_reason(implementation, q_shape, num_kv_heads, dtype)
+        implementation, fallback = policy.auto_implementation("block_attention"), True
+    reason = unsupported_reason(implementation, q_shape, num_kv_heads, dtype, uniform)
     if reason is None:
         return implementation
     if not fallback:
         raise NotImplementedError(f"block attention implementation {implementation!r}: {reason}")
     return resolve_implementation(_NEXT_CHOICE.get(implementation, "xla"), q_shape, num_kv_heads, dtype,
-                                  fallback=True)
+                                  uniform=uniform, fallback=True)
 
 
-def block_attention(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool, implementation: str = "auto",
-                    sizes=None, fallback: bool = False, poison: bool = False):
+def block_attention(q, k, v, cache_k, cache_v, cache_lengths, pattern: BlockPattern, *, uniform: str | None = None,
+                    implementation: str = "auto", sizes=None, fallback: bool = False, poison: bool = False):
     """Attention of ``q [B, T, H, Dh]`` over the valid cache prefix and the block's own K/V.
 
-    Same contract as ``nld_jax.attention.attention_xla``: ``k, v [B, T, K, Dh]``,
-    ``cache_k, cache_v [B, S, K, Dh]``, ``cache_lengths [B]``; ``causal`` within the block or
-    bidirectional. ``sizes``: the kernel's block-size dataclass (None: its defaults).
-    ``poison``: kernels start their outputs from NaN (tests: catches unwritten tiles).
+    ``k, v [B, T, K, Dh]``, ``cache_k, cache_v [B, S, K, Dh]``, ``cache_lengths [B]`` (lengths past
+    ``S`` mean the whole cache), ``pattern`` the block's own visibility (:class:`BlockPattern`).
+    ``uniform``: ``"causal"`` / ``"bidirectional"`` when every row has that pattern (the caller
+    vouches for it; kernels then use the static form), None otherwise. ``sizes``: the kernel's
+    block-size dataclass (None: its defaults). ``poison``: kernels start their outputs from NaN
+    (tests: catches unwritten tiles).
     """
-    impl = resolve_implementation(implementation, q.shape, k.shape[2], q.dtype, fallback=fallback)
+    impl = resolve_implementation(implementation, q.shape, k.shape[2], q.dtype, uniform=uniform, fallback=fallback)
     if impl != implementation:
         sizes = None  # block sizes are per kernel: a substitute runs with its own defaults
     args = (q, k, v, cache_k, cache_v, cache_lengths)
     if impl == "xla":
-        return block_attention_reference(*args, causal=causal)
+        return block_attention_xla(*args, pattern)
+    causal = uniform == "causal"
     if impl in ("pallas_tpu", "pallas_interpret"):
         from pallas_kernels.block_attention.kernel_tpu import block_attention_tpu
 
@@ -100,62 +98,3 @@ def block_attention(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool, i
     from pallas_kernels.block_attention.kernel_mgpu import block_attention_mgpu
 
     return block_attention_mgpu(*args, causal=causal, sizes=sizes, poison=poison)
-
-
-def block_diff_attention(q, k, v, block_size: int, *, implementation: str = "auto", sizes=None,
-                         fallback: bool = False, poison: bool = False):
-    """Training attention over ``[x_t noisy | x_0 clean]`` with the ``block_diff`` mask
-    (``q [B, 2L, H, Dh]``, ``k, v [B, 2L, K, Dh]``), differentiable.
-
-    ``block_size`` must be a Python int: the kernels' tile lists are built from it on the host.
-    The kernels save the logsumexp and run block-sparse flash-attention backward kernels; the
-    ``xla`` reference differentiates through its dense mask. ``pallas_mosaic_gpu`` uses the
-    Triton kernels here.
-    """
-    n = q.shape[1]
-    if n % 2 or k.shape[1] != n or v.shape[1] != n:
-        raise ValueError(f"block_diff attention needs q, k, v of one even length 2L, got "
-                         f"{q.shape[1]}, {k.shape[1]}, {v.shape[1]}")
-    if q.shape[2] % k.shape[2] or k.shape != v.shape:
-        raise ValueError(f"bad head layout: q {q.shape}, k {k.shape}, v {v.shape}")
-    if implementation == "pallas_mosaic_gpu":
-        implementation = "pallas_triton"
-    impl = resolve_implementation(implementation, q.shape, k.shape[2], q.dtype, fallback=fallback)
-    if impl != implementation:
-        sizes = None  # block sizes are per kernel: a substitute runs with its own defaults
-    if impl == "xla":
-        return block_diff_attention_reference(q, k, v, block_size)
-    return _block_diff_kernel(q, k, v, BlockDiffMask(n // 2, int(block_size)), impl, sizes, poison)
-
-
-def _block_diff_impls(impl: str):
-    """``(forward, backward, interpret)`` of a kernel family."""
-    if impl in ("pallas_tpu", "pallas_interpret"):
-        from pallas_kernels.block_attention.block_diff_tpu import block_diff_backward_tpu, block_diff_forward_tpu
-
-        return block_diff_forward_tpu, block_diff_backward_tpu, impl == "pallas_interpret"
-    from pallas_kernels.block_attention.block_diff_triton import (block_diff_backward_triton,
-                                                                  block_diff_forward_triton)
-
-    return block_diff_forward_triton, block_diff_backward_triton, impl == "pallas_triton_interpret"
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _block_diff_kernel(q, k, v, mask, impl, sizes, poison):
-    forward, _, interpret = _block_diff_impls(impl)
-    return forward(q, k, v, mask, sizes, interpret=interpret, poison=poison)[0]
-
-
-def _block_diff_fwd(q, k, v, mask, impl, sizes, poison):
-    forward, _, interpret = _block_diff_impls(impl)
-    out, lse = forward(q, k, v, mask, sizes, interpret=interpret, poison=poison)
-    return out, (q, k, v, out, lse)
-
-
-def _block_diff_bwd(mask, impl, sizes, poison, residuals, d_out):
-    _, backward, interpret = _block_diff_impls(impl)
-    q, k, v, out, lse = residuals
-    return backward(q, k, v, out, lse, d_out, mask, sizes, interpret=interpret)
-
-
-_block_diff_kernel.defvjp(_block_diff_fwd, _block_diff_bwd)

@@ -27,7 +27,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._common import (NEG_INF, cdiv, check_block_attention_args, idiv, matmul_precision,
                                     queries_as_rows, round_up, rows_as_queries)
-from pallas_kernels.block_attention.masks import CacheBlockMask
+from pallas_kernels.block_attention.mask import CacheBlockMask
 
 __all__ = ["TpuBlockSizes", "block_attention_tpu", "supported_tpu"]
 

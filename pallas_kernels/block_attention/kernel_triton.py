@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (NEG_INF, cdiv, check_block_attention_args, idiv, matmul_precision,
                                     merge_partials, next_pow2, queries_as_rows, round_up, rows_as_queries)
-from pallas_kernels.block_attention.masks import CacheBlockMask
+from pallas_kernels.block_attention.mask import CacheBlockMask
 
 __all__ = ["TritonBlockSizes", "block_attention_triton", "supported_triton"]
 

@@ -1,9 +1,14 @@
-"""Pure-jnp references (the oracles every kernel is tested against): dense masks, one softmax.
+"""Block attention in plain XLA: the ``xla`` implementation and every kernel's oracle.
 
-Numerics follow ``nld_jax.attention.attention_xla``: scores and softmax in float32, the
-probabilities cast to the value dtype for the second matmul, GQA by grouping query heads
-(``[B, T, K, G, Dh]``) so K/V are never repeated. The masks come from
-:mod:`pallas_kernels.block_attention.masks`, the same objects that drive the kernels' tile skipping.
+``q [B, T, H, Dh]`` (block position t of row b sits at absolute position ``lengths[b] + t``)
+attends to the valid cache prefix ``cache_k/v [B, S, K, Dh]`` (slots ``< lengths[b]``) and to the
+block's own keys ``k, v [B, T, K, Dh]`` as :class:`BlockPattern` says. Scale ``1/sqrt(Dh)``,
+scores and softmax in float32.
+
+GQA without repeating K/V: the G query heads of a KV head and the T block positions become the
+``T*G`` rows of one matmul per KV head (``[B, K, T*G, Dh]``, row ``t*G + g``), which XLA runs far
+better than a matmul per (head, group). Scores over the cache and over the block are computed
+apart (no copy of the cache to concatenate keys) and share one softmax.
 """
 
 from __future__ import annotations
@@ -11,60 +16,42 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_attention.masks import BlockDiffMask, CacheBlockMask
+from pallas_kernels.block_attention.pattern import BlockPattern
 
-__all__ = ["masked_attention_reference", "block_attention_reference", "block_diff_attention_reference"]
+__all__ = ["block_attention_xla", "gqa_rows", "gqa_unrows"]
 
 
-def masked_attention_reference(q, k, v, mask):
-    """Softmax attention of ``q [B, Tq, H, Dh]`` over ``k, v [B, Tk, K, Dh]`` under a boolean
-    ``mask`` broadcastable to ``[B, Tq, Tk]`` (True = visible); scale ``1/sqrt(Dh)``.
+def gqa_rows(x: jax.Array, num_kv_heads: int) -> jax.Array:
+    """``[B, T, H, Dh]`` -> ``[B, K, T*G, Dh]``: row ``t*G + g`` holds query head ``kh*G + g``."""
+    B, T, H, Dh = x.shape
+    K = num_kv_heads
+    return x.reshape(B, T, K, H // K, Dh).transpose(0, 2, 1, 3, 4).reshape(B, K, T * (H // K), Dh)
 
-    Values of keys that no query of the row can see are zeroed first, so masked-out garbage
-    (stale or even NaN cache slots) cannot leak through ``0 * NaN``. Every query must see at
-    least one key (true of every NLD mask).
-    """
-    B, Tq, H, Dh = q.shape
-    Tk, K = k.shape[1], k.shape[2]
-    if H % K:
-        raise ValueError(f"query heads {H} must be a multiple of KV heads {K}")
+
+def gqa_unrows(x: jax.Array, T: int, G: int) -> jax.Array:
+    """The inverse of :func:`gqa_rows`: ``[B, K, T*G, Dh]`` -> ``[B, T, K*G, Dh]``."""
+    B, K, _, Dh = x.shape
+    return x.reshape(B, K, T, G, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, K * G, Dh)
+
+
+def block_attention_xla(q, k, v, cache_k, cache_v, cache_lengths, pattern: BlockPattern):
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    S = cache_k.shape[1]
     G = H // K
-    mask = jnp.broadcast_to(jnp.asarray(mask, bool), (B, Tq, Tk))
     f32 = jnp.float32
-    qg = q.reshape(B, Tq, K, G, Dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=f32) * (1.0 / Dh ** 0.5)
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    seen = jnp.any(mask, axis=1)[:, :, None, None]  # [B, Tk, 1, 1]
-    v = jnp.where(seen, v, jnp.zeros((), v.dtype))
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=f32)
-    return out.reshape(B, Tq, H, Dh).astype(q.dtype)
+    scale = 1.0 / (Dh ** 0.5)
+    rows = gqa_rows(q, K)
+    s_cache = jnp.einsum("bkrd,bskd->bkrs", rows, cache_k.astype(q.dtype), preferred_element_type=f32) * scale
+    s_block = jnp.einsum("bkrd,bukd->bkru", rows, k, preferred_element_type=f32) * scale
 
+    cache_valid = jnp.arange(S)[None, :] < cache_lengths[:, None]  # [B, S]
+    s_cache = jnp.where(cache_valid[:, None, None, :], s_cache, -jnp.inf)
+    block_visible = jnp.repeat(pattern.visible(), G, axis=1)  # [B, T*G, T]: row t*G+g is query t
+    s_block = jnp.where(block_visible[:, None], s_block, -jnp.inf)
 
-def block_attention_reference(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool):
-    """The decode attention of ``nld_jax.attention`` with a dense mask.
-
-    ``q [B, T, H, Dh]`` at positions ``length[b] + arange(T)`` sees cache slots
-    ``< cache_lengths[b]`` and the block's keys ``k, v [B, T, K, Dh]`` (``u <= t`` when causal,
-    all of them otherwise). Lengths past ``S`` mean "the whole cache".
-    """
-    S, T = cache_k.shape[1], q.shape[1]
-    lengths = jnp.clip(jnp.asarray(cache_lengths, jnp.int32), 0, S)
-    keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
-    values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
-    mask = CacheBlockMask(causal).materialize(lengths, S, T)
-    return masked_attention_reference(q, keys, values, mask)
-
-
-def block_diff_attention_reference(q, k, v, block_size: int):
-    """Training attention over ``[x_t noisy | x_0 clean]`` with the ``block_diff`` mask.
-
-    ``q [B, 2L, H, Dh]``, ``k, v [B, 2L, K, Dh]``; ``block_size`` is the diffusion block ``b``.
-    Differentiable (plain jnp), so it is also the gradient oracle of the kernels.
-    """
-    n = q.shape[1]
-    if n % 2 or k.shape[1] != n or v.shape[1] != n:
-        raise ValueError(f"block_diff attention needs q, k, v of one even length 2L, got "
-                         f"{q.shape[1]}, {k.shape[1]}, {v.shape[1]}")
-    mask = BlockDiffMask(n // 2, block_size).materialize()
-    return masked_attention_reference(q, k, v, mask[None])
+    probs = jax.nn.softmax(jnp.concatenate([s_cache, s_block], axis=-1), axis=-1)
+    p_cache, p_block = probs[..., :S].astype(v.dtype), probs[..., S:].astype(v.dtype)
+    out = jnp.einsum("bkrs,bskd->bkrd", p_cache, cache_v.astype(v.dtype), preferred_element_type=f32)
+    out = out + jnp.einsum("bkru,bukd->bkrd", p_block, v, preferred_element_type=f32)
+    return gqa_unrows(out, T, G).astype(q.dtype)

@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import NEG_INF, cdiv, matmul_precision, next_pow2, round_up
-from pallas_kernels.verify.kernel_tpu import check_head_args, merge_head_partials
+from pallas_kernels.greedy_head.kernel_tpu import check_head_args, merge_head_partials
 
 __all__ = ["TritonHeadSizes", "greedy_head_triton", "supported_triton_head"]
 

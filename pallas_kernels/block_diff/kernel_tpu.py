@@ -28,7 +28,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._common import NEG_INF, idiv, irem, matmul_precision
 from pallas_kernels.block_attention.kernel_tpu import _online_softmax_step
-from pallas_kernels.block_attention.masks import EMPTY, FULL, BlockDiffMask
+from pallas_kernels.block_diff.mask import BlockDiffMask
+from pallas_kernels.block_sparse import EMPTY, FULL
 
 __all__ = ["TpuBlockDiffSizes", "block_diff_forward_tpu", "block_diff_backward_tpu"]
 

@@ -23,7 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import NEG_INF, idiv, irem, matmul_precision, next_pow2
-from pallas_kernels.block_attention.masks import FULL, BlockDiffMask
+from pallas_kernels.block_diff.mask import BlockDiffMask
+from pallas_kernels.block_sparse import FULL
 
 __all__ = ["TritonBlockDiffSizes", "block_diff_forward_triton", "block_diff_backward_triton"]
 
