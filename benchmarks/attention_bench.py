@@ -5,8 +5,10 @@
     python benchmarks/attention_bench.py --e2e      # also per-forward AR / verify / diffusion steps
 
 Attention: H=32, K=8, Dh=128, bf16; cached prefix 1k / 8k / 32k; block C in {8, 32}; batch 1
-and 8; two modes: ``diffusion`` (bidirectional within the block, cache read-only) and
-``verify`` (causal). Baselines get the prefix and the block as one contiguous K/V (concatenated
+and 8; three patterns: ``diffusion`` (bidirectional within the block, cache read-only),
+``verify`` (causal) and ``mixed`` (rows alternately causal and bidirectional, as in one batched
+decode step of rows in different phases; the Mosaic GPU kernel takes uniform batches only and
+shows n/a there). Baselines get the prefix and the block as one contiguous K/V (concatenated
 outside the timed region, which favours them) and an explicit boolean mask, as a cache with
 per-row lengths needs. The floor is the bytes that must cross HBM (K/V of prefix + block, q
 and the output) over the datasheet bandwidth.
@@ -106,10 +108,19 @@ def _attention_sets(B, prefix, C, n_sets, seed=0):
     return sets
 
 
-def _dense_mask(B, prefix, C, causal):
-    keys = jnp.arange(prefix + C)[None, :]
-    visible = keys < prefix + (jnp.arange(C)[:, None] + 1 if causal else C)
-    return jnp.broadcast_to(visible[None, None], (B, 1, C, prefix + C))
+def _pattern(mode, B, C):
+    """``(pattern, uniform)`` of a benchmark mode."""
+    from pallas_kernels.block_attention import BlockPattern
+
+    if mode == "mixed":
+        return BlockPattern.per_row(jnp.arange(B) % 2 == 0, C), None
+    return (BlockPattern.causal(B, C), "causal") if mode == "causal" else (BlockPattern.bidirectional(B, C), mode)
+
+
+def _dense_mask(pattern, prefix):
+    """``[B, 1, C, prefix + C]``: the whole prefix, then the block as ``pattern`` says."""
+    B, C = pattern.shape
+    return jnp.concatenate([jnp.ones((B, C, prefix), bool), pattern.visible()], axis=-1)[:, None]
 
 
 def attention_table(args, bandwidth, impls) -> list[Row]:
@@ -117,31 +128,31 @@ def attention_table(args, bandwidth, impls) -> list[Row]:
 
     rows = []
     prefixes = (8192,) if args.quick else args.prefixes
-    for causal, B, prefix, C in itertools.product((False, True), args.batches, prefixes, args.blocks):
+    labels = {"bidirectional": "diffusion(bidir)", "causal": "verify(causal)", "mixed": "mixed rows"}
+    for mode, B, prefix, C in itertools.product(labels, args.batches, prefixes, args.blocks):
         kv_bytes = 2 * B * (prefix + C) * K * DH * 2
         n_sets = int(min(args.max_calls, max(2, -(-4 * L2_BYTES // kv_bytes))))
         data = _attention_sets(B, prefix, C, n_sets)
         q0 = jax.random.normal(jax.random.key(99), (B, C, H, DH), jnp.float32).astype(DTYPE)
         floor_bytes = kv_bytes + 2 * B * C * H * DH * 2
+        pattern, uniform = _pattern(mode, B, C)
         times = {}
         for impl in impls:
             fn = lambda q, k, v, ck, cv, lengths, impl=impl: block_attention(
-                q, k, v, ck, cv, lengths, causal=causal, implementation=impl)
+                q, k, v, ck, cv, lengths, pattern, uniform=uniform, implementation=impl)
             times[impl] = _try_time(fn, q0, [d[0] for d in data], args.reps)
-        mask = _dense_mask(B, prefix, C, causal)
+        mask = _dense_mask(pattern, prefix)
         baselines = ("xla", "cudnn") if jax.default_backend() == "gpu" else ("xla",)
         for base in () if args.no_baselines else baselines:
             fn = lambda q, fk, fv, base=base: jax.nn.dot_product_attention(q, fk, fv, mask=mask, implementation=base)
             times[f"dpa_{base}"] = _try_time(fn, q0, [d[1] for d in data], args.reps)
-        mode = "verify(causal)" if causal else "diffusion(bidir)"
-        rows.append(Row(f"{mode:16s} B={B} S={prefix:5d} C={C:2d}", floor_bytes / bandwidth * 1e6, times))
+        rows.append(Row(f"{labels[mode]:16s} B={B} S={prefix:5d} C={C:2d}", floor_bytes / bandwidth * 1e6, times))
         print(_format_row(rows[-1], list(times)), flush=True)
     return rows
 
 
 def head_table(args, bandwidth, impls) -> list[Row]:
-    from nld_jax.model import greedy_head_xla
-    from pallas_kernels.verify.api import greedy_head
+    from pallas_kernels.greedy_head import greedy_head, greedy_head_xla
 
     D, V = args.model_dim, args.vocab
     rows = []
@@ -170,6 +181,8 @@ def e2e_table(args, impls) -> list[Row]:
     import nld_jax
     from nld_jax.kv_cache import KVCache
     from nld_jax.model import forward_hidden, greedy_head
+    from nld_jax.runtime import Runtime
+    from pallas_kernels.block_attention import BlockPattern
 
     config = dataclasses.replace(nld_jax.preset("8b"), num_hidden_layers=args.layers)
     model = nld_jax.random_model(config, dtype="bfloat16")
@@ -178,13 +191,17 @@ def e2e_table(args, impls) -> list[Row]:
                     jax.random.normal(jax.random.key(4), (config.L, 1, size, config.K, config.Dh), DTYPE),
                     jnp.full((1,), prefix, jnp.int32))
     rows = []
-    for label, T, causal in (("AR step", 1, True), ("verify step", 32, True), ("diffusion step", 32, False)):
+    for label, T, uniform in (("AR step", 1, "causal"), ("verify step", 32, "causal"),
+                              ("diffusion step", 32, "bidirectional")):
         tokens = jnp.arange(T, dtype=jnp.int32)[None] % config.vocab_size
+        pattern = BlockPattern.causal(1, T) if uniform == "causal" else BlockPattern.bidirectional(1, T)
         times = {}
         for impl in ("xla",) + tuple(impls):
-            def step(tok, params, cache, impl=impl):
-                hidden, _, _ = forward_hidden(params, config, tok, cache, causal=causal, attn_impl=impl)
-                out, _ = greedy_head(params, config, hidden, impl)
+            def step(tok, params, cache, impl=impl, pattern=pattern, uniform=uniform):
+                runtime = Runtime(impl)
+                hidden, _, _ = forward_hidden(params, config, tok, cache, pattern=pattern, uniform=uniform,
+                                              runtime=runtime)
+                out, _ = greedy_head(params, config, hidden, runtime=runtime)
                 return out.astype(jnp.int32) % config.vocab_size
             times[impl] = _try_time(step, tokens, [(model.params, cache)], args.reps)
         rows.append(Row(f"{label:15s} T={T:2d} S={prefix} layers={config.L}", float("nan"), times))

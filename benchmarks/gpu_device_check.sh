@@ -20,14 +20,14 @@ stage() { echo; echo "== $1 ($(date +%T))"; }
 
 stage "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/device.txt"
-if ! "$PY" -c "import jax, pallas_kernels.register; print('jax', jax.__version__, jax.devices())" 2>&1 \
+if ! "$PY" -c "import jax, pallas_kernels.block_attention, nld_jax; print('jax', jax.__version__, jax.devices())" 2>&1 \
     | tee -a "$OUT/device.txt"; then
   echo "cannot import jax / the kernels with $PY: nothing else to do"; exit 1
 fi
 
 TIMEOUT_ARGS=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout 120)
-TESTS=(tests/test_pallas_block_attention.py tests/test_pallas_block_diff.py tests/test_pallas_verify.py
+TESTS=(tests/test_pallas_block_attention.py tests/test_pallas_block_diff.py tests/test_pallas_greedy_head.py
        tests/test_pallas_integration.py)
 
 stage "GPU tests: Triton kernels"

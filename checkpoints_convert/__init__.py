@@ -2,11 +2,11 @@
 
 * :func:`convert_hf_to_orbax` / :func:`convert_orbax_to_hf`: streaming, strictly accounted,
   atomic conversions in both directions (the CLI is :mod:`checkpoints_convert.cli`).
-* :func:`load_orbax`: a converted checkpoint -> :class:`nld_jax.NLDModel`, optionally straight
-  into caller-given shardings (``nld_jax.load`` calls it for converted directories).
 * :func:`save_orbax`: in-memory weights (e.g. fine-tuned) -> the same format.
 
-The format is described in :mod:`checkpoints_convert.orbax_io`. Names are imported on first
+The converter stands on the library: the format and its read side are
+:mod:`nld_jax.checkpoint.orbax` (``nld_jax.load`` reads converted directories), the writers are
+:mod:`checkpoints_convert.orbax_io`. Names are imported on first
 use, so that ``nld-convert --help`` does not pay for importing JAX.
 """
 
@@ -16,7 +16,6 @@ _EXPORTS = {
     "convert_hf_to_orbax": "checkpoints_convert.to_orbax",
     "ConversionReport": "checkpoints_convert.to_orbax",
     "convert_orbax_to_hf": "checkpoints_convert.to_hf",
-    "load_orbax": "checkpoints_convert.orbax_io",
     "save_orbax": "checkpoints_convert.orbax_io",
     "verify_conversion": "checkpoints_convert.verify",
     "VerifyReport": "checkpoints_convert.verify",

@@ -18,11 +18,9 @@ from typing import Iterator
 
 import numpy as np
 
-# _lora_rank_alpha: the loader's PEFT adapter_config validation, shared so that the converter
-# accepts exactly the adapters nld_jax.load accepts.
 from nld_jax.checkpoint.hf import (ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_INDEX, INDEX_FILE, LORA_DIR,
                                    PICKLE_SUFFIXES, CheckpointError, HFCheckpoint,
-                                   _lora_rank_alpha)
+                                   parse_adapter_config)
 from nld_jax.checkpoint.safetensors_io import SafetensorsFile
 from nld_jax.config import NLDConfig, config_from_hf
 
@@ -163,7 +161,7 @@ def _open_lora(directory: str, config: NLDConfig) -> LoraSource | None:
         raise CheckpointError(f"{lora_dir} has no {ADAPTER_CONFIG}")
     with open(cfg_path) as f:
         adapter_config = json.load(f)
-    rank, alpha = _lora_rank_alpha(adapter_config, lora_dir)
+    rank, alpha = parse_adapter_config(adapter_config, cfg_path)
     tensors = TensorFiles(lora_dir, ADAPTER_FILE, ADAPTER_INDEX)
     key_map = KeyMap.for_lora(config, rank)
     key_map.check_source(tensors.keys(), tensors.shape, tensors.dtype, lora_dir)

@@ -13,17 +13,13 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from nld_jax.checkpoint.hf import CheckpointError, check_tensor_set, key_listing
+from nld_jax.checkpoint.hf import FLOAT_DTYPES, CheckpointError, check_tensor_set, key_listing
+from nld_jax.checkpoint.orbax import LORA_ITEM, PARAMS_ITEM, check_item
 from nld_jax.config import NLDConfig
 from nld_jax.params import ParamSpec, lora_specs, param_specs
 
 __all__ = ["TensorRoute", "LeafSpec", "KeyMap", "Ledger", "FLOAT_DTYPES"]
 
-# Floating dtypes the converter carries through unchanged (by numpy name).
-FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
-
-PARAMS_ITEM = "params"
-LORA_ITEM = "lora"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,23 +102,9 @@ class KeyMap:
                                       f"weights must be one of {FLOAT_DTYPES}")
 
     def check_stored(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, np.dtype],
-                     where: str, extra_ok: Iterable[str] = ()) -> None:
+                     where: str, extra_ok: Mapping[str, tuple[int, ...]] | None = None) -> None:
         """The Orbax item holds exactly our leaves with our shapes (``extra_ok``: non-HF leaves)."""
-        extra_ok = set(extra_ok)
-        missing = [leaf for leaf in self.leaves if leaf not in shapes]
-        if missing:
-            raise CheckpointError(f"{where}: missing array(s) {key_listing(missing)}")
-        unknown = [leaf for leaf in shapes if leaf not in self.leaves and leaf not in extra_ok]
-        if unknown:
-            raise CheckpointError(f"{where}: unknown array(s) {key_listing(unknown)}: not part of the "
-                                  "architecture that config.json describes")
-        for leaf, spec in self.leaves.items():
-            if tuple(shapes[leaf]) != spec.shape:
-                raise CheckpointError(f"{where}: array {leaf!r} has shape {list(shapes[leaf])}, "
-                                      f"config.json implies {list(spec.shape)}")
-            if np.dtype(dtypes[leaf]).name not in FLOAT_DTYPES:
-                raise CheckpointError(f"{where}: array {leaf!r} has dtype {np.dtype(dtypes[leaf]).name}; "
-                                      f"weights must be one of {FLOAT_DTYPES}")
+        check_item(where, shapes, dtypes, {leaf: spec.shape for leaf, spec in self.leaves.items()}, extra_ok)
 
     def leaf_dtypes(self, dtype_of: Callable[[str], np.dtype], requested: np.dtype | None) -> dict[str, np.dtype]:
         """Stored dtype per leaf: ``requested``, or else the source dtype ("keep").

@@ -1,22 +1,16 @@
-"""The converted checkpoint on disk: an Orbax composite checkpoint of zarr arrays.
+"""Writing the converted checkpoint: an Orbax composite checkpoint of zarr arrays.
 
-Layout of a converted directory::
-
-    _CHECKPOINT_METADATA        Orbax step metadata: items "params" (and "lora"), PyTree handler
-    params/_METADATA            Orbax PyTree metadata: one entry per leaf, use_ocdbt false
-    params/<leaf path>/         one zarr (v2) array per leaf, e.g. layers.self_attn.q_proj/,
-                                raw (no compressor), chunks of ~8 MiB, layer axis chunked by 1
-    lora/...                    the draft LoRA {A, B, scale}, same format
-    config.json, tokenizer*     copied verbatim from the source
-    nld_metadata.json           format version, provenance, stored dtypes
+The format (layout, constants) and its read side are the library's,
+:mod:`nld_jax.checkpoint.orbax`; this module writes it: one zarr (v2) array per leaf, raw (no
+compressor), chunks of ~8 MiB, the layer axis chunked by 1, and the Orbax metadata files.
 
 Why write the zarr arrays ourselves instead of calling ``StandardCheckpointer.save``: Orbax
 saves a pytree whose arrays are all in memory, and one stacked leaf of the 14B model is
 several GB. Opening each leaf with tensorstore lets the converter fill it one layer slice (or
 slab) at a time. The files are those Orbax itself writes for a non-OCDBT PyTree save, and the
 leaves are typed ``np.ndarray`` so no device or sharding is baked in: any Orbax restore reads
-them (the tests use Orbax's own ``StandardCheckpointer``), and :func:`load_orbax` restores
-straight into caller-given shardings, each device reading only the chunks it holds.
+them (the tests use Orbax's own ``StandardCheckpointer``), and ``nld_jax.load`` restores
+straight into shardings, each device reading only the chunks it holds.
 """
 
 from __future__ import annotations
@@ -25,41 +19,27 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
 from nld_jax.checkpoint.hf import CheckpointError
-from nld_jax.config import config_to_hf, load_hf_config
-from nld_jax.loading import NLDModel, is_converted_dir
-from nld_jax.params import flatten_tree, tree_from_flat
-from nld_jax.sharding import replicated
-from nld_jax.tokenizer import load_tokenizer
+from nld_jax.checkpoint.orbax import (COMMIT_FILE, LORA_ITEM, METADATA_FILE, PARAMS_ITEM, PYTREE_HANDLER,
+                                      PYTREE_METADATA, STEP_METADATA, is_converted_dir, read_metadata,
+                                      tensorstore_context)
+from nld_jax.config import config_to_hf
+from nld_jax.loading import NLDModel
+from nld_jax.params import flatten_tree
 
 from checkpoints_convert.atomic_output import atomic_output_dir
-from checkpoints_convert.key_map import LORA_ITEM, PARAMS_ITEM, KeyMap
-from checkpoints_convert.provenance import METADATA_FILE, build_metadata, read_metadata, write_json
+from checkpoints_convert.key_map import KeyMap
+from checkpoints_convert.provenance import build_metadata, write_json
 from checkpoints_convert.streaming import PendingWrites, chunk_blocks, copy_blocked, slowest_axis
 
-__all__ = ["ItemWriter", "open_item", "chunk_shape", "write_step_metadata", "load_orbax", "save_orbax",
-           "is_converted_dir", "CHUNK_BYTES", "PARAMS_ITEM", "LORA_ITEM"]
+__all__ = ["ItemWriter", "chunk_shape", "write_step_metadata", "save_orbax", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 8 << 20
-_PYTREE_METADATA = "_METADATA"
-_STEP_METADATA = "_CHECKPOINT_METADATA"
-_COMMIT_FILE = "commit_success.txt"
-# The handler name Orbax records for PyTree items (tests check it against the installed Orbax).
-PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
-
-
-def _context() -> ts.Context:
-    # No chunk cache (every chunk is written once, read once); no fsync per chunk: the output
-    # becomes visible by one rename at the end, like `cp`, which does not fsync either.
-    return ts.Context({"cache_pool": {"total_bytes_limit": 0}, "file_io_sync": False,
-                       "file_io_concurrency": {"limit": 32}})
 
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int, stacked: bool, target_bytes: int = CHUNK_BYTES) -> list[int]:
@@ -89,7 +69,7 @@ class ItemWriter:
         os.makedirs(item_dir)
         self.item_dir = item_dir
         self.chunk_bytes = chunk_bytes
-        self._context = _context()
+        self._context = tensorstore_context()
         self._arrays: dict[str, ts.TensorStore] = {}
         self._chunks: dict[str, list[int]] = {}
         self.dtypes: dict[str, np.dtype] = {}
@@ -131,7 +111,7 @@ class ItemWriter:
                 "key_metadata": [{"key": k, "key_type": 2} for k in keys],  # 2: dict key
                 "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False},
             }
-        write_json(os.path.join(self.item_dir, _PYTREE_METADATA),
+        write_json(os.path.join(self.item_dir, PYTREE_METADATA),
                    {"tree_metadata": entries, "use_ocdbt": False, "use_zarr3": False,
                     "store_array_data_equal_to_fill_value": True, "custom_metadata": None})
         _write_commit_file(self.item_dir)
@@ -147,132 +127,16 @@ def _write_chunk(target: ts.TensorStore, data: np.ndarray):
 
 
 def _write_commit_file(directory: str) -> None:
-    with open(os.path.join(directory, _COMMIT_FILE), "w") as f:
+    with open(os.path.join(directory, COMMIT_FILE), "w") as f:
         f.write(f"Checkpoint commit was successful to {directory}\n")
 
 
 def write_step_metadata(directory: str, items: list[str], started_ns: int) -> None:
     """Orbax's composite-checkpoint metadata, so ``CompositeCheckpointHandler`` sees the items."""
-    write_json(os.path.join(directory, _STEP_METADATA), {
+    write_json(os.path.join(directory, STEP_METADATA), {
         "item_handlers": {item: PYTREE_HANDLER for item in items}, "metrics": {}, "performance_metrics": {},
         "init_timestamp_nsecs": started_ns, "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}})
     _write_commit_file(directory)
-
-
-def open_item(item_dir: str) -> dict[str, ts.TensorStore]:
-    """The leaves of an Orbax PyTree item as tensorstore arrays (opened lazily, read on demand).
-
-    Reads our layout and Orbax's own saves (OCDBT, zarr3) alike, from its ``_METADATA``.
-    """
-    meta_path = os.path.join(item_dir, _PYTREE_METADATA)
-    if not os.path.exists(meta_path):
-        raise CheckpointError(f"{item_dir} is not an Orbax PyTree checkpoint (no {_PYTREE_METADATA})")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    driver = "zarr3" if meta.get("use_zarr3") else "zarr"
-    context = _context()
-    leaves = {}
-    for entry in meta["tree_metadata"].values():
-        name = ".".join(str(k["key"]) for k in entry["key_metadata"])
-        if meta.get("use_ocdbt"):
-            kvstore = {"driver": "ocdbt", "base": {"driver": "file", "path": item_dir}, "path": name}
-        else:
-            kvstore = {"driver": "file", "path": os.path.join(item_dir, name)}
-        try:
-            leaves[name] = ts.open({"driver": driver, "kvstore": kvstore}, open=True, read=True,
-                                   context=context).result()
-        except ValueError as e:
-            raise CheckpointError(f"{item_dir}: cannot open array {name!r} ({e})") from None
-    return leaves
-
-
-def stored_shapes(leaves: Mapping[str, ts.TensorStore]) -> tuple[dict, dict]:
-    return ({k: tuple(a.shape) for k, a in leaves.items()},
-            {k: np.dtype(a.dtype.numpy_dtype) for k, a in leaves.items()})
-
-
-# --------------------------------------------------------------------------------------
-# Loading (Orbax restore) and saving in-memory weights
-# --------------------------------------------------------------------------------------
-
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def _flat_shardings(shardings, leaves: list[str], what: str) -> dict[str, jax.sharding.Sharding] | None:
-    """``{dotted leaf path: sharding}`` from any pytree (dict, FrozenDict...) of shardings."""
-    if shardings is None:
-        return None
-    with_paths, _ = jax.tree_util.tree_flatten_with_path(
-        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    flat = {".".join(_key_name(k) for k in path): leaf for path, leaf in with_paths}
-    if set(flat) != set(leaves):
-        raise ValueError(f"{what} must be a pytree with the structure of the weights {sorted(leaves)}; "
-                         f"got {sorted(flat)}")
-    for leaf, sharding in flat.items():
-        if not isinstance(sharding, jax.sharding.Sharding):
-            raise ValueError(f"{what}[{leaf!r}] is {type(sharding).__name__}, not a jax.sharding.Sharding")
-    return flat
-
-
-def _restore(item_dir: str, wanted: dict[str, tuple[tuple[int, ...], Any, jax.sharding.Sharding]]) -> dict:
-    import orbax.checkpoint as ocp  # slow to import; only loading needs it
-
-    restore_args = tree_from_flat({leaf: ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype, global_shape=shape)
-                                   for leaf, (shape, dtype, sharding) in wanted.items()})
-    checkpointer = ocp.PyTreeCheckpointer()
-    try:
-        return checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    finally:
-        checkpointer.close()
-
-
-def _replicated_like(flat: dict[str, jax.sharding.Sharding] | None, default: jax.sharding.Sharding):
-    """Replicated over the mesh of the given weight shardings (for the small LoRA), else ``default``."""
-    first = next(iter(flat.values()), None) if flat else None
-    return replicated(first.mesh) if isinstance(first, jax.sharding.NamedSharding) else default
-
-
-def load_orbax(path, dtype=jnp.float32, *, load_lora: bool = True, load_tokenizer_files: bool = True,
-               shardings=None) -> NLDModel:
-    """Load a converted checkpoint directory.
-
-    ``dtype``: the weights' dtype after loading (None keeps the stored dtype); the LoRA is always
-    float32, as PEFT runs it. ``shardings``: a pytree of ``jax.sharding.Sharding`` with the
-    structure of the weights; each device then reads only the chunks of its own shard. Without
-    it every leaf goes to the first device. The LoRA ``{A, B, scale}`` is replicated over the
-    mesh of ``shardings`` (it is small; callers reshard it if they like).
-    """
-    path = os.path.abspath(os.fspath(path))
-    read_metadata(path)  # checks format and version
-    config = load_hf_config(path)
-    key_map = KeyMap.for_params(config)
-    item_dir = os.path.join(path, PARAMS_ITEM)
-    shapes, dtypes = stored_shapes(open_item(item_dir))
-    key_map.check_stored(shapes, dtypes, item_dir)
-    flat = _flat_shardings(shardings, list(key_map.leaves), "shardings")
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    wanted = {leaf: (spec.shape, dtype if dtype is not None else dtypes[leaf], flat[leaf] if flat else default)
-              for leaf, spec in key_map.leaves.items()}
-    params = _restore(item_dir, wanted)
-
-    lora = None
-    lora_dir = os.path.join(path, LORA_ITEM)
-    if load_lora and os.path.isdir(lora_dir):
-        lora_shapes, lora_dtypes = stored_shapes(open_item(lora_dir))
-        if "A" not in lora_shapes or len(lora_shapes["A"]) != 4:
-            raise CheckpointError(f"{lora_dir}: no LoRA array 'A' of rank 4")
-        lora_map = KeyMap.for_lora(config, lora_shapes["A"][-1])
-        lora_map.check_stored(lora_shapes, lora_dtypes, lora_dir, extra_ok=["scale"])
-        if lora_shapes.get("scale") != ():
-            raise CheckpointError(f"{lora_dir}: missing scalar array 'scale'")
-        lora_sharding = _replicated_like(flat, default)
-        lora = _restore(lora_dir, {leaf: (shape, jnp.float32, lora_sharding) for leaf, shape in lora_shapes.items()})
-    tok = load_tokenizer(path, config.bos_token_id, config.eos_token_id) if load_tokenizer_files else None
-    return NLDModel(config, params, lora, tok, path)
 
 
 def _write_tree(item_dir: str, flat: dict[str, Any], stacked: dict[str, bool]) -> dict[str, str]:

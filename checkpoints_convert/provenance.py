@@ -14,15 +14,13 @@ import os
 import threading
 
 from nld_jax import __version__ as NLD_JAX_VERSION
+from nld_jax.checkpoint.orbax import FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, read_metadata
 
 from checkpoints_convert import __version__ as CONVERTER_VERSION
 
 __all__ = ["METADATA_FILE", "FORMAT_NAME", "FORMAT_VERSION", "CONVERTER_VERSION", "FileHasher",
            "build_metadata", "write_json", "read_metadata"]
 
-METADATA_FILE = "nld_metadata.json"
-FORMAT_NAME = "nld-jax-orbax"
-FORMAT_VERSION = 1
 
 
 class FileHasher:
@@ -81,17 +79,3 @@ def write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False)
         f.write("\n")
-
-
-def read_metadata(directory: str) -> dict:
-    path = os.path.join(directory, METADATA_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{directory} has no {METADATA_FILE}: not a converted NLD checkpoint")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {meta['format_version']} is newer than this converter "
-                         f"understands ({FORMAT_VERSION}); upgrade nld-jax")
-    return meta

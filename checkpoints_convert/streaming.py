@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["slowest_axis", "chunk_blocks", "copy_blocked", "is_view_of", "PendingWrites"]
+__all__ = ["slowest_axis", "chunk_blocks", "copy_blocked", "PendingWrites"]
 
 BLOCK_BYTES = 64 << 10  # one cache-resident block of a strided copy
 IN_FLIGHT_BYTES = 192 << 20  # chunk buffers submitted to tensorstore and not yet written
@@ -78,11 +78,6 @@ def copy_blocked(dst: np.ndarray, src: np.ndarray, block_bytes: int = BLOCK_BYTE
     for start in range(0, n, step):
         idx = lead + (slice(start, start + step),)
         np.copyto(dst[idx], src[idx], casting="unsafe")
-
-
-def is_view_of(view: np.ndarray, base: np.ndarray) -> bool:
-    """Whether writing through ``view`` fills all of ``base`` (a transpose/reshape, not a copy)."""
-    return view.size == base.size and view.flags.writeable and np.may_share_memory(view, base)
 
 
 class PendingWrites:

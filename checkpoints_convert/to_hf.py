@@ -21,13 +21,12 @@ import tensorstore as ts
 
 from nld_jax.checkpoint.hf import ADAPTER_CONFIG, ADAPTER_FILE, LORA_DIR, CheckpointError
 from nld_jax.checkpoint.hf_write import peft_adapter_config, write_index
-from nld_jax.config import load_hf_config
+from nld_jax.checkpoint.directory import load_hf_config
+from nld_jax.checkpoint.orbax import LORA_ITEM, PARAMS_ITEM, open_item, read_metadata, stored_shapes
 
 from checkpoints_convert.atomic_output import atomic_output_dir, check_not_overlapping, terminate_as_exit
 from checkpoints_convert.hf_source import copy_side_files
-from checkpoints_convert.key_map import LORA_ITEM, PARAMS_ITEM, KeyMap, Ledger, TensorRoute
-from checkpoints_convert.orbax_io import open_item, stored_shapes
-from checkpoints_convert.provenance import read_metadata
+from checkpoints_convert.key_map import KeyMap, Ledger, TensorRoute
 from checkpoints_convert.safetensors_stream import BufferPool, SafetensorsStreamWriter, plan_shards
 from checkpoints_convert.streaming import chunk_blocks, copy_blocked, slowest_axis
 from checkpoints_convert.to_orbax import ConversionReport, _progress_bar, parse_dtype
@@ -167,7 +166,7 @@ def convert_orbax_to_hf(src, dst, *, dtype=None, lora: bool = True, overwrite: b
         if len(shapes.get("A", ())) != 4 or shapes.get("scale") != ():
             raise CheckpointError(f"{src}/{LORA_ITEM}: needs arrays 'A' [L, H, Dh, r] and a scalar 'scale'")
         lora_map = KeyMap.for_lora(config, shapes["A"][-1])
-        lora_map.check_stored(shapes, dtypes, os.path.join(src, LORA_ITEM), extra_ok=["scale"])
+        lora_map.check_stored(shapes, dtypes, os.path.join(src, LORA_ITEM), extra_ok={"scale": ()})
     check_not_overlapping(src, dst)
 
     routes = {r.hf_key: r for r in key_map.routes}

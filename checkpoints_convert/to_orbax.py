@@ -15,13 +15,14 @@ import time
 import numpy as np
 
 from nld_jax.checkpoint.hf import CheckpointError, INDEX_FILE, LORA_DIR
+from nld_jax.checkpoint.orbax import LORA_ITEM, METADATA_FILE, PARAMS_ITEM
 from nld_jax.loading import resolve_dtype
 
 from checkpoints_convert.atomic_output import atomic_output_dir, check_not_overlapping, terminate_as_exit
 from checkpoints_convert.hf_source import TensorFiles, copy_side_files, open_hf_source
-from checkpoints_convert.key_map import LORA_ITEM, PARAMS_ITEM, KeyMap, Ledger
+from checkpoints_convert.key_map import KeyMap, Ledger
 from checkpoints_convert.orbax_io import CHUNK_BYTES, ItemWriter, write_step_metadata
-from checkpoints_convert.provenance import METADATA_FILE, FileHasher, build_metadata, write_json
+from checkpoints_convert.provenance import FileHasher, build_metadata, write_json
 from checkpoints_convert.streaming import PendingWrites
 from checkpoints_convert.verify import VerifyReport, verify_conversion
 

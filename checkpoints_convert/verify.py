@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-__all__ = ["VerificationError", "VerifyReport", "verify_conversion", "stored_dtype"]
+__all__ = ["VerificationError", "VerifyReport", "verify_conversion"]
 
 
 class VerificationError(RuntimeError):
@@ -41,18 +41,6 @@ class VerifyReport:
         return text
 
 
-def stored_dtype(path: str) -> str:
-    """The dtype to load ``path`` in: its embedding's dtype (float16 runs as float32)."""
-    from checkpoints_convert.orbax_io import PARAMS_ITEM, is_converted_dir, open_item
-    from nld_jax.checkpoint.hf import HFCheckpoint
-
-    if is_converted_dir(path):
-        dtype = np.dtype(open_item(os.path.join(path, PARAMS_ITEM))["embed_tokens"].dtype.numpy_dtype)
-    else:
-        dtype = np.dtype(HFCheckpoint(path).dtype("encoder.embed_tokens.weight"))
-    return "bfloat16" if dtype.name == "bfloat16" else "float32"
-
-
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
@@ -74,6 +62,7 @@ def fixed_prompt(vocab_size: int, length: int = 16, batch: int = 2) -> np.ndarra
 
 def verify_conversion(source: str, converted: str) -> VerifyReport:
     import nld_jax
+    from nld_jax.loading import stored_dtype
 
     src_dtype, out_dtype = stored_dtype(source), stored_dtype(converted)
     ref = nld_jax.load(source, dtype=src_dtype, load_tokenizer_files=False)

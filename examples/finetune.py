@@ -38,7 +38,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=None, help="default: 1e-4 (sft, pretrain), 1e-3 (lora)")
-    p.add_argument("--block-sizes", default="32", help="comma-separated; one drawn per step")
+    p.add_argument("--block-lengths", "--block-sizes", dest="block_lengths", default="32", help="comma-separated; one drawn per step")
     p.add_argument("--lora-rank", type=int, default=None, help="new LoRA rank (default: the existing one, or 32)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--seed", type=int, default=0)
@@ -48,7 +48,7 @@ def main(argv=None):
     if model.tokenizer is None:
         raise SystemExit("error: the checkpoint has no tokenizer")
     config, tok = model.config, model.tokenizer
-    block_sizes = tuple(int(b) for b in args.block_sizes.split(","))
+    block_lengths = tuple(int(b) for b in args.block_lengths.split(","))
     if args.mode == "sft":
         if len(args.data) != 1:
             raise SystemExit("error: --mode sft takes one JSONL file")
@@ -63,7 +63,7 @@ def main(argv=None):
     opt_cfg = OptimConfig(lr=lr, total_steps=args.steps, warmup_steps=max(args.steps // 20, 1),
                           schedule="cosine", weight_decay=0.0 if args.mode == "lora" else 0.1)
     optimizer = make_optimizer(opt_cfg)
-    train = TrainConfig(mode=args.mode, loss=LossConfig(), compute_dtype=args.compute_dtype, block_sizes=block_sizes)
+    train = TrainConfig(mode=args.mode, loss=LossConfig(), compute_dtype=args.compute_dtype, block_lengths=block_lengths)
     lora_scale = None
     if args.mode == "lora":
         if model.lora is not None and args.lora_rank in (None, model.lora["A"].shape[-1]):
@@ -83,7 +83,7 @@ def main(argv=None):
         state = ckpt.restore(state)
         print(f"resuming at step {int(state.step)}", flush=True)
     state = train_loop(step, state, frozen, batches(arrays, args.batch, args.seed, start_step=int(state.step)),
-                       args.steps, block_sizes, log_path=os.path.join(args.out + ".work", "log.jsonl"),
+                       args.steps, block_lengths, log_path=os.path.join(args.out + ".work", "log.jsonl"),
                        checkpoint=ckpt, checkpoint_every=max(args.steps // 4, 1), schedule=make_schedule(opt_cfg),
                        seed=args.seed)
     ckpt.close()

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--lora", action="store_true", help="use the draft LoRA (diffusion / spec drafts)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kernels", default="auto")
+    p.add_argument("--implementation", "--kernels", dest="implementation", default="auto",
+                   help="attention / greedy-head implementation: auto, xla or a Pallas kernel name")
     dist = p.add_argument_group("multi-process")
     dist.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
                       help="auto: initialize when --coordinator is given or a multi-host launcher is detected "
@@ -134,15 +135,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     jax, distributed = start_jax(args)
     import nld_jax
-    from nld_jax.generate import prepare_prompts
-    from nld_jax.sharded import generate_sharded
-    from nld_jax.sharding import batch_shards, mesh_from_spec
+    from nld_jax.partitioning import batch_shards
+    from nld_jax.sharding import mesh_from_spec
+    from nld_jax.validation import prompt_ids
 
     leader = jax.process_index() == 0
     mesh = mesh_from_spec(args.mesh)
     model = nld_jax.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
     prompts = read_prompts(args.input, args)
-    ids = prepare_prompts(model, [p["prompt"] for p in prompts]) if prompts else []
+    ids = prompt_ids([p["prompt"] for p in prompts], vocab=model.config.vocab_size,
+                     tokenizer=model.tokenizer) if prompts else []
     batch_size = args.batch_size or 4 * batch_shards(mesh)
     batches = plan_batches(prompts, [len(i) for i in ids], batch_size)
 
@@ -157,11 +159,11 @@ def main(argv=None) -> int:
     try:
         for b, members in enumerate(batches):
             s = prompts[members[0]]["settings"]
-            result = generate_sharded(model, [ids[i] for i in members], mode=s["mode"],
+            result = nld_jax.generate(model, [ids[i] for i in members], mode=s["mode"],
                                       max_new_tokens=int(s["max_new_tokens"]), block_length=s["block_length"],
                                       threshold=s["threshold"], temperature=float(s["temperature"]),
                                       use_lora=bool(s["use_lora"]), seed=int(s["seed"]), mesh=mesh,
-                                      kernels=args.kernels)
+                                      implementation=args.implementation)
             for row, i in enumerate(members):
                 p = prompts[i]
                 record = {"index": p["index"], "id": p["id"], "mode": s["mode"], "tokens": result.tokens[row],

@@ -86,23 +86,23 @@ def model_config(size: str, vocab: int, seq_len: int, block: int) -> NLDConfig:
                      mask_token_id=3, bos_token_id=1, eos_token_id=2, block_size=block)
 
 
-def calibrated_steps(step_fn, state, frozen, it, block_sizes, budget_s: float) -> tuple[int, object]:
+def calibrated_steps(step_fn, state, frozen, it, block_lengths, budget_s: float) -> tuple[int, object]:
     """Time a few steps and turn the time budget into a step count.
 
     The step is compiled once per block size; the real run compiles again (its optimiser's
     schedule depends on the step count), so that compilation time is taken off the budget.
     """
     compile_s = 0.0
-    for b in block_sizes:  # compile every block size
+    for b in block_lengths:  # compile every block length
         t = time.perf_counter()
         state, m = step_fn(state, frozen, {k: jnp.asarray(v) for k, v in next(it).items()}, jnp.int32(b))
         jax.block_until_ready(m)
         compile_s += time.perf_counter() - t
     t = time.perf_counter()
-    n = 2 * len(block_sizes)
+    n = 2 * len(block_lengths)
     for i in range(n):
         state, m = step_fn(state, frozen, {k: jnp.asarray(v) for k, v in next(it).items()},
-                           jnp.int32(block_sizes[i % len(block_sizes)]))
+                           jnp.int32(block_lengths[i % len(block_lengths)]))
     jax.block_until_ready(m)
     per_step = (time.perf_counter() - t) / n
     print(f"calibration: {per_step:.2f} s/step, compilation {compile_s:.0f} s", flush=True)
@@ -168,12 +168,12 @@ def evaluate(model_dir: str, held_out: list[str], prompt_len: int, new_tokens: i
     return report
 
 
-def train_base(args, config: NLDConfig, rows: np.ndarray, block_sizes: tuple[int, ...], work: str):
+def train_base(args, config: NLDConfig, rows: np.ndarray, block_lengths: tuple[int, ...], work: str):
     """NVIDIA's joint AR + diffusion pretraining from scratch; resumes from ``work/base_ckpt``."""
     params = init_params(config, jax.random.PRNGKey(args.seed), jnp.float32, std=0.02)
     # remat: recomputing each layer in the backward pass is faster on CPU than saving its activations
     train = TrainConfig(mode="pretrain", loss=LossConfig(dlm_weight=0.3, remat=True), compute_dtype=args.compute_dtype,
-                        block_sizes=block_sizes)
+                        block_lengths=block_lengths)
 
     # Calibrate the step count to the time budget with a throwaway optimiser, then train for real.
     probe_opt = make_optimizer(OptimConfig(lr=args.lr, total_steps=100))
@@ -181,7 +181,7 @@ def train_base(args, config: NLDConfig, rows: np.ndarray, block_sizes: tuple[int
     it = batches({"tokens": rows}, args.batch, seed=args.seed)
     if args.steps is None:
         total, _ = calibrated_steps(probe, init_state(jax.tree.map(jnp.copy, params), probe_opt), None, it,
-                                    block_sizes, args.minutes * 60)
+                                    block_lengths, args.minutes * 60)
     else:
         total = args.steps
     opt_cfg = OptimConfig(lr=args.lr, total_steps=total, warmup_steps=min(200, total // 10), schedule="wsd")
@@ -196,7 +196,7 @@ def train_base(args, config: NLDConfig, rows: np.ndarray, block_sizes: tuple[int
     t0 = time.perf_counter()
     state = train_loop(step, state, None, batches({"tokens": rows}, args.batch, seed=args.seed,
                                                   start_step=int(state.step)),
-                       total, block_sizes, log_path=os.path.join(work, "base_log.jsonl"), checkpoint=ckpt,
+                       total, block_lengths, log_path=os.path.join(work, "base_log.jsonl"), checkpoint=ckpt,
                        checkpoint_every=max(total // 5, 50), schedule=make_schedule(opt_cfg), seed=args.seed)
     seconds = time.perf_counter() - t0
     ckpt.close()
@@ -209,7 +209,7 @@ def train_lora(args, config: NLDConfig, params, rows: np.ndarray, work: str):
     alpha = 4.0 * args.lora_rank  # scale alpha / r = 4, as NVIDIA's adapter
     lora0 = init_lora(config, jax.random.PRNGKey(args.seed + 1), args.lora_rank, alpha)
     lora_train = TrainConfig(mode="lora", loss=LossConfig(remat=True), compute_dtype=args.compute_dtype,
-                             block_sizes=lora_blocks)
+                             block_lengths=lora_blocks)
     probe_opt = make_optimizer(OptimConfig(lr=args.lora_lr, total_steps=100, weight_decay=0.0))
     probe = make_train_step(config, lora_train, probe_opt, lora_scale=4.0)
     trainable = {"A": lora0["A"], "B": lora0["B"]}
@@ -249,7 +249,7 @@ def main(argv=None):
     p.add_argument("--lora-lr", type=float, default=3e-3)
     p.add_argument("--base", metavar="CKPT", help="skip base training: train only the draft LoRA on this "
                    "checkpoint (its tokenizer, config and weights) and write base + new LoRA to --out")
-    p.add_argument("--block-sizes", default="8,16,32")
+    p.add_argument("--block-lengths", "--block-sizes", dest="block_lengths", default="8,16,32")
     p.add_argument("--compute-dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--eval-prompts", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
@@ -265,7 +265,7 @@ def main(argv=None):
         p.error("--out must differ from --base (the base checkpoint is read while --out is written)")
     work = args.work or args.out + ".work"
     os.makedirs(work, exist_ok=True)
-    block_sizes = tuple(int(b) for b in args.block_sizes.split(","))
+    block_lengths = tuple(int(b) for b in args.block_lengths.split(","))
 
     files = stdlib_files()
     train_files = [f for f in files if not is_held_out(f)]
@@ -290,9 +290,9 @@ def main(argv=None):
     if args.base:
         total, base_seconds = base_report.get("base_steps"), 60.0 * base_report.get("base_minutes", 0.0)
     else:
-        config = model_config(args.size, tok.vocab_size, args.seq_len, block=max(block_sizes))
+        config = model_config(args.size, tok.vocab_size, args.seq_len, block=max(block_lengths))
         print(f"model: {config.num_params() / 1e6:.1f}M parameters", flush=True)
-        params, total, base_seconds = train_base(args, config, rows, block_sizes, work)
+        params, total, base_seconds = train_base(args, config, rows, block_lengths, work)
 
     lora, lora_steps, lora_seconds = None, 0, 0.0
     if args.lora_minutes > 0:

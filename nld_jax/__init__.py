@@ -12,22 +12,23 @@ Quick start::
 """
 
 from nld_jax.checkpoint.hf import CheckpointError
-from nld_jax.config import ConfigError, NLDConfig, PRESETS, RopeConfig, config_from_hf, load_hf_config, preset
+from nld_jax.checkpoint.directory import load_hf_config
+from nld_jax.config import ConfigError, NLDConfig, PRESETS, RopeConfig, config_from_hf, preset
 from nld_jax.decode import DecodeInputs, DecodeOptions, DecodeOutput, decode, decode_jit
-from nld_jax.generate import GenerationResult, generate
+from nld_jax.generate import GenerationResult, NonFiniteError, generate
 from nld_jax.inference import block_logits, forward
 from nld_jax.kv_cache import KVCache
 from nld_jax.loading import NLDModel, load, random_model
-from nld_jax.sharded import block_logits_sharded, forward_sharded, generate_sharded, shard_model
-from nld_jax.sharding import DEFAULT_RULES, ShardingError, ShardingRules, make_mesh
+from nld_jax.partitioning import DEFAULT_RULES, ShardingError, ShardingRules
+from nld_jax.runtime import Runtime
+from nld_jax.sharding import make_mesh, shard_model
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "load", "generate", "forward", "block_logits", "random_model",
     "NLDModel", "NLDConfig", "RopeConfig", "GenerationResult", "PRESETS", "preset",
-    "config_from_hf", "load_hf_config", "ConfigError", "CheckpointError",
-    "decode", "decode_jit", "DecodeOptions", "DecodeInputs", "DecodeOutput", "KVCache",
-    "make_mesh", "ShardingRules", "DEFAULT_RULES", "ShardingError", "shard_model", "generate_sharded",
-    "forward_sharded", "block_logits_sharded",
+    "config_from_hf", "load_hf_config", "ConfigError", "CheckpointError", "NonFiniteError",
+    "decode", "decode_jit", "DecodeOptions", "DecodeInputs", "DecodeOutput", "KVCache", "Runtime",
+    "make_mesh", "ShardingRules", "DEFAULT_RULES", "ShardingError", "shard_model",
 ]

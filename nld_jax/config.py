@@ -15,9 +15,7 @@ architecture change we do not implement fails loudly instead of producing wrong 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Any, Mapping
 
 __all__ = [
@@ -27,7 +25,7 @@ __all__ = [
     "PRESETS",
     "preset",
     "config_from_hf",
-    "load_hf_config",
+    "config_to_hf",
 ]
 
 
@@ -307,17 +305,6 @@ def config_from_hf(hf: Mapping[str, Any]) -> NLDConfig:
         eos_token_id=_single_token_id(hf.get("eos_token_id"), "eos_token_id"),
         block_size=int(hf.get("block_size") or 32),
     )
-
-
-def load_hf_config(path: str | os.PathLike) -> NLDConfig:
-    """Read ``config.json`` from a checkpoint directory (or the file itself)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no config.json at {path}")
-    with open(path) as f:
-        return config_from_hf(json.load(f))
 
 
 def config_to_hf(config: NLDConfig) -> dict[str, Any]:

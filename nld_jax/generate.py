@@ -1,8 +1,14 @@
-"""``nld_jax.generate``: the convenience wrapper over the jitted decode functions.
+"""``nld_jax.generate``: the convenience API over the pure decode program, with or without a mesh.
 
-It validates and tokenizes prompts, pads them to a power-of-two bucket (so that a new prompt of
-another length in the same bucket reuses the compiled program), reuses a donated KV cache, and
-turns the device arrays into per-row Python lists.
+It validates and tokenizes prompts, pads them to a power-of-two bucket and rounds the token
+budget up to a power of two (so that new prompt lengths and new ``max_new_tokens`` reuse a
+compiled program; each row still stops at its exact budget inside the loop), picks the
+program from the one program cache (keyed by shapes, dtypes, shardings, options and runtime),
+and turns the device arrays into per-row Python lists.
+
+With a mesh (``mesh=``, or the mesh the weights were loaded onto) the program is compiled with
+explicit in/out shardings from the parameter declarations: weights and LoRA as declared, KV
+cache and prompts over the batch axes, results replicated so that every process can read them.
 """
 
 from __future__ import annotations
@@ -15,19 +21,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nld_jax.decode import DecodeInputs, DecodeOptions, cache_size_for, decode_jit
-from nld_jax.decode.common import MODES
-from nld_jax.decode.stream import TokenStream, streaming
+from nld_jax import validation
+from nld_jax.decode import (BLOCK_MODES, MODES, DecodeInputs, DecodeOptions, DecodeOutput, cache_size_for,
+                            context_needed, decode)
+from nld_jax.decode.listeners import TokenStream, listening
+from nld_jax.kv_cache import KVCache
 from nld_jax.loading import NLDModel
+from nld_jax.partitioning import ShardingRules, place_global, replicated
+from nld_jax.placement import Placement
+from nld_jax.programs import PROGRAMS
+from nld_jax.runtime import Runtime
 
-__all__ = ["GenerationResult", "generate", "prepare_prompts", "bucket_length", "make_options"]
+__all__ = ["GenerationResult", "NonFiniteError", "generate", "bucket_length", "budget_bucket", "resolve_settings"]
 
 MIN_BUCKET = 16
+DIFFUSION_THRESHOLD = 0.9  # NVIDIA's chat and eval default, when the checkpoint names none
+
+
+class NonFiniteError(ValueError):
+    """The model produced NaN or Inf while decoding (non-finite weights or an overflow)."""
 
 
 @dataclasses.dataclass
 class GenerationResult:
-    """Per-row outputs. ``tokens`` exclude the prompt and end after the first EOS (kept)."""
+    """Per-row outputs. ``tokens`` exclude the prompt and end after the first stop token (kept)."""
 
     tokens: list[list[int]]
     nfe: list[int]
@@ -52,119 +69,180 @@ def bucket_length(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
 
 
-def prepare_prompts(model: NLDModel, prompts) -> list[list[int]]:
-    """Token-id lists from ``prompts`` (ids or strings), validated against the model."""
-    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
-        prompts = [prompts]
-    if isinstance(prompts, np.ndarray):
-        prompts = prompts.tolist()
-    if not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError("prompts must be a non-empty list of token-id lists or strings")
-    ids: list[list[int]] = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            if model.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer, and this checkpoint has none; pass token ids")
-            p = model.tokenizer.encode(p)
-        p = [int(t) for t in np.asarray(p).reshape(-1).tolist()]
-        if not p:
-            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
-        bad = [t for t in p if not 0 <= t < model.config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token id(s) {bad[:5]} outside the vocabulary [0, {model.config.vocab_size})")
-        ids.append(p)
-    return ids
+def budget_bucket(max_new_tokens: int, block_length: int) -> int:
+    """The token capacity a program is built for: the next power of two (at least 16, at least a
+    block), so that few programs serve every ``max_new_tokens``."""
+    return max(MIN_BUCKET, block_length, 1 << max(max_new_tokens - 1, 0).bit_length())
 
 
-def make_options(model: NLDModel, mode: str, max_new_tokens: int, block_length: int | None,
-                 threshold: float | None, temperature: float, use_lora: bool, kernels: str = "auto",
-                 stream: bool = False) -> DecodeOptions:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    mode: str
+    max_new_tokens: int
+    block_length: int
+    threshold: float | None
+    temperature: float
+    top_p: float
+    top_k: int
+    use_lora: bool
+
+
+def resolve_settings(model: NLDModel, mode: str, max_new_tokens, block_length, threshold, temperature, use_lora,
+                     top_p=1.0, top_k=0) -> Settings:
+    """Validate the decoding arguments and fill the defaults (the checkpoint's
+    ``generation_config.json`` first, then NVIDIA's)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    defaults = getattr(model, "generation", None)
+    max_new = validation.integer(max_new_tokens, "max_new_tokens", minimum=1)
+    if block_length is None:
+        block_length = getattr(defaults, "block_length", None) or model.config.block_size
+    block = validation.integer(block_length, "block_length", minimum=1)
+    if mode == "spec" and block < 2:
+        raise ValueError("spec mode needs block_length >= 2 (a seed and at least one draft slot)")
+    if isinstance(threshold, str):
+        if threshold != "auto":
+            raise ValueError(f"threshold must be a number in [0, 1], None or 'auto', got {threshold!r}")
+        threshold = None
+        if mode == "diffusion":
+            threshold = getattr(defaults, "threshold", None)
+            threshold = DIFFUSION_THRESHOLD if threshold is None else threshold
+    elif threshold is not None:
+        threshold = validation.probability(threshold, "threshold")
+    temperature = validation.number(temperature, "temperature", minimum=0.0)
+    top_p = validation.probability(top_p, "top_p", allow_zero=False)
+    top_k = validation.integer(top_k, "top_k", minimum=0)
+    if not isinstance(use_lora, (bool, np.bool_)):
+        raise ValueError(f"use_lora must be True or False, got {use_lora!r}")
     if use_lora and model.lora is None:
         raise ValueError("use_lora=True but this checkpoint has no draft LoRA (linear_spec_lora/)")
-    block = model.config.block_size if block_length is None else int(block_length)
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1] or None, got {threshold}")
+    return Settings(mode, max_new, block if mode in BLOCK_MODES else 1, threshold, temperature, top_p, top_k,
+                    bool(use_lora) and mode != "ar")
+
+
+def _options(s: Settings, capacity: int, stream: bool) -> DecodeOptions:
     # Reference semantics: diffusion without a threshold uses the top-k schedule; spec's
     # threshold 0 (its default) fills the whole draft in one forward.
-    use_threshold = threshold is not None and (mode == "diffusion" or threshold > 0)
-    return DecodeOptions(mode=mode, max_new_tokens=int(max_new_tokens), block_length=block,
-                         use_threshold=use_threshold, sample=temperature > 0,
-                         use_lora=bool(use_lora) and mode != "ar", kernels=kernels, stream=stream)
+    use_threshold = s.threshold is not None and (s.mode == "diffusion" or s.threshold > 0)
+    return DecodeOptions(mode=s.mode, max_new_tokens=capacity, block_length=max(s.block_length, 1),
+                         use_threshold=use_threshold, sample=s.temperature > 0,
+                         truncate=s.temperature > 0 and (s.top_p < 1.0 or s.top_k > 0), use_lora=s.use_lora,
+                         stream=stream)
 
 
-def generate(model: NLDModel, prompts, mode: str = "ar", max_new_tokens: int = 128,
-             block_length: int | None = None, threshold: float | None = None, temperature: float = 0.0,
-             use_lora: bool = False, seed: int = 0, *, kernels: str = "auto",
-             on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerationResult:
+def _empty_cache(config, batch: int, size: int, dtype):
+    return KVCache.empty(config, batch, size, dtype)
+
+
+def generate(model: NLDModel, prompts, mode: str = "ar", max_new_tokens: int = 128, block_length: int | None = None,
+             threshold: float | str | None = "auto", temperature: float = 0.0, use_lora: bool = False,
+             seed: int | Sequence[int] = 0, *, top_p: float = 1.0, top_k: int = 0,
+             stop_token_ids: Sequence[int] | None = None, mesh=None, rules: ShardingRules | None = None,
+             implementation: str = "auto", on_tokens: Callable[[int, list[int]], None] | None = None,
+             embeddings=None) -> GenerationResult:
     """Generate from a batch of prompts (token-id lists, ragged allowed, or strings).
 
     ``mode``: ``"ar"``, ``"diffusion"`` (block diffusion) or ``"spec"`` (linear self-speculation).
-    ``block_length`` defaults to the checkpoint's ``block_size``. ``threshold`` follows the
-    reference: None means the top-k schedule in diffusion (one token per step) and 0.0 in spec;
-    NVIDIA's chat default for diffusion is 0.9. ``use_lora`` switches the draft LoRA on for the
-    bidirectional (draft / denoise) forwards only. ``on_tokens(row, new_ids)`` streams tokens as
-    the compiled loop produces them.
+    ``block_length`` defaults to the checkpoint's ``generation_config.json`` or ``block_size``.
+    ``threshold``: ``"auto"`` means the checkpoint's ``generation_config.json`` threshold (else
+    NVIDIA's 0.9) in diffusion and 0.0 (one-shot drafts) in spec; ``None`` in diffusion is
+    NVIDIA's top-k schedule (one token per step). ``use_lora`` switches the draft LoRA on for the
+    bidirectional (draft / denoise) forwards only. ``temperature > 0`` samples (Gumbel-max, the
+    reference's rule) after ``top_p`` / ``top_k``; row b uses ``seed + b`` (or ``seed[b]``), so a
+    row samples what it samples alone with that seed. ``stop_token_ids`` end a row like EOS.
+    ``on_tokens(row, new_ids)`` streams tokens as the compiled loop produces them (an exception
+    it raises stops the generation and is re-raised here). ``mesh`` / ``rules``: run on a mesh
+    (default: the mesh the weights live on, if any). ``embeddings [B, T, D]``: prompt embeddings
+    that replace the token embeddings (image features; rows padded like the prompts).
     """
-    options = make_options(model, mode, max_new_tokens, block_length, threshold, temperature, use_lora,
-                           kernels, stream=on_tokens is not None)
-    ids = prepare_prompts(model, prompts)
+    s = resolve_settings(model, mode, max_new_tokens, block_length, threshold, temperature, use_lora, top_p, top_k)
+    ids = validation.prompt_ids(prompts, vocab=model.config.vocab_size, tokenizer=model.tokenizer)
+    stops = [] if stop_token_ids is None else [validation.integer(t, f"stop_token_ids[{i}]", minimum=0,
+                                                                  maximum=model.config.vocab_size - 1)
+                                               for i, t in enumerate(stop_token_ids)]
+    seeds = validation.seed_value(seed, len(ids))
     longest = max(len(p) for p in ids)
     limit = model.config.max_position_embeddings
-    if longest + options.max_new_tokens > limit:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={options.max_new_tokens} exceeds the "
-                         f"model's context of {limit} positions")
+    needed = context_needed(longest, s.max_new_tokens, s.mode, s.block_length)
+    if needed > limit:
+        slack = needed - longest - s.max_new_tokens
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={s.max_new_tokens}"
+                         + (f" + {slack} (the {s.mode} block may run past the budget)" if slack else "")
+                         + f" exceeds the model's context of {limit} positions")
+    options = _options(s, budget_bucket(s.max_new_tokens, s.block_length), stream=on_tokens is not None)
+    place = Placement.for_model(model, mesh, rules)
+    runtime = place.runtime(implementation)
+
+    rows = len(ids)
+    batch = -(-rows // place.batch_shards) * place.batch_shards
+    padded = ids + [ids[-1]] * (batch - rows)  # rows are independent: padding never changes a row
+    seeds = seeds + [seeds[-1]] * (batch - rows)
     bucket = bucket_length(longest)
-    tokens = np.zeros((len(ids), bucket), np.int32)
-    for row, p in enumerate(ids):
+    tokens = np.zeros((batch, bucket), np.int32)
+    for row, p in enumerate(padded):
         tokens[row, :len(p)] = p
-    inputs = DecodeInputs(
-        tokens=jnp.asarray(tokens),
-        lengths=jnp.asarray([len(p) for p in ids], jnp.int32),
-        temperature=jnp.asarray(temperature, jnp.float32),
-        threshold=jnp.asarray(0.0 if threshold is None else threshold, jnp.float32),
-        key=jax.random.PRNGKey(seed),
-    )
-    cache = model.take_cache(len(ids), cache_size_for(bucket, options))
-    compiled, compile_seconds = _compiled(model, cache, inputs, options)
-    listener = TokenStream(on_tokens, model.config.eos_token_id) if on_tokens is not None else None
+    f32 = np.float32
+    host = DecodeInputs(
+        tokens=tokens, lengths=np.asarray([len(p) for p in padded], np.int32),
+        temperature=np.full((batch,), s.temperature, f32),
+        threshold=np.full((batch,), 0.0 if s.threshold is None else s.threshold, f32),
+        key=np.stack([validation.seed_key(sd) for sd in seeds]),
+        max_new_tokens=np.full((batch,), s.max_new_tokens, np.int32),
+        top_p=np.full((batch,), s.top_p, f32), top_k=np.full((batch,), s.top_k, np.int32),
+        stop_ids=np.asarray([stops or [-1]] * batch, np.int32),
+        embeddings=None if embeddings is None else _pad_embeddings(embeddings, batch, bucket, model.config.D),
+        stream_id=np.int32(0))
+
+    params, lora, _, _ = place.weights(model)
+    size = cache_size_for(bucket, options)
+    rank = None if lora is None else int(lora["A"].shape[-1])
+    in_sh, out_sh = place.decode_shardings(model.config, host, batch, size, rank)
+    inputs = jax.tree.map(jnp.asarray, host) if in_sh is None else jax.tree.map(place.put, host, in_sh[3])
+    cache_sh = None if out_sh is None else out_sh[1]
+    alloc, _ = PROGRAMS.get(_empty_cache, (), static=dict(config=model.config, batch=batch, size=size,
+                                                            dtype=jnp.dtype(model.dtype)),
+                            out_shardings=cache_sh)
+    cache = alloc()
+    program, compile_seconds = PROGRAMS.get(decode, (params, lora, cache, inputs),
+                                            static=dict(config=model.config, options=options, runtime=runtime),
+                                            in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(2,))
+    eos = model.config.eos_token_id
+    listener = None if on_tokens is None else TokenStream(_first_rows(on_tokens, rows), [eos, *stops])
     start = time.perf_counter()
-    with streaming(listener):
-        out, cache = compiled(model.params, model.lora, cache, inputs)
-        out = jax.device_get(out)
+    with listening(listener) as stream_id:
+        if listener is not None:
+            inputs = dataclasses.replace(inputs, stream_id=_scalar(place, stream_id))
+        out, _ = program(params, lora, cache, inputs)
+        out = jax.tree.map(np.asarray, out)  # replicated under a mesh: readable on every process
+        if listener is not None:  # flush what the loop did not send (e.g. a single-token generation)
+            listener(out.tokens, out.num_tokens)
     seconds = time.perf_counter() - start
-    if listener is not None:  # flush what the loop did not send (e.g. a single-token generation)
-        listener(out.tokens, out.num_tokens)
-    model.return_cache(cache)
-
-    rows = [out.tokens[b, :out.num_tokens[b]].tolist() for b in range(len(ids))]
-    decided = [out.decided_at[b, :out.num_tokens[b]].tolist() for b in range(len(ids))]
-    text = [model.tokenizer.decode(r) for r in rows] if model.tokenizer is not None else None
-    return GenerationResult(rows, out.nfe.tolist(), mode, seconds, text, decided, compile_seconds)
-
-
-_COMPILED: dict = {}
-_MAX_COMPILED = 32
+    bad = [b for b in range(rows) if out.nonfinite[b]]
+    if bad:
+        raise NonFiniteError(f"the model produced NaN or Inf while decoding row(s) {bad}: its weights or "
+                             "activations are not finite (load the checkpoint with check_finite=True to find the "
+                             "tensor)")
+    toks = [out.tokens[b, :out.num_tokens[b]].tolist() for b in range(rows)]
+    decided = [out.decided_at[b, :out.num_tokens[b]].tolist() for b in range(rows)]
+    text = [model.tokenizer.decode(t) for t in toks] if model.tokenizer is not None else None
+    return GenerationResult(toks, out.nfe[:rows].tolist(), s.mode, seconds, text, decided, compile_seconds)
 
 
-def _compiled(model: NLDModel, cache, inputs: DecodeInputs, options: DecodeOptions):
-    """The compiled decode program for these shapes, compiling (and timing it) on first use.
+def _first_rows(on_tokens, rows: int):
+    """Batch padding rows (for the mesh) are not the caller's: keep them out of the stream."""
+    return lambda row, new: on_tokens(row, new) if row < rows else None
 
-    Compiling ahead of the call keeps compilation out of the generation time that the CLI and
-    benchmarks report. Programs are keyed by everything that shapes them; prompts of another
-    length in the same bucket hit the same entry.
-    """
-    abstract = jax.tree.map(lambda x: (x.shape, str(x.dtype)), (model.params, model.lora, cache, inputs))
-    key = (model.config, options, str(abstract))
-    if key in _COMPILED:
-        return _COMPILED[key], 0.0
-    start = time.perf_counter()
-    compiled = decode_jit.lower(model.params, model.lora, cache, inputs, config=model.config,
-                                options=options).compile()
-    if len(_COMPILED) >= _MAX_COMPILED:
-        _COMPILED.pop(next(iter(_COMPILED)))
-    _COMPILED[key] = compiled
-    return compiled, time.perf_counter() - start
+
+def _scalar(place: Placement, value: int):
+    host = np.int32(value)
+    return jnp.asarray(host) if place.mesh is None else place_global(host, replicated(place.mesh))
+
+
+def _pad_embeddings(embeddings, batch: int, bucket: int, dim: int) -> np.ndarray:
+    emb = np.asarray(embeddings, np.float32)
+    if emb.ndim != 3 or emb.shape[2] != dim or emb.shape[1] > bucket:
+        raise ValueError(f"embeddings must be [B, T, {dim}] with T <= the prompt bucket {bucket}, got {emb.shape}")
+    out = np.zeros((batch, bucket, dim), np.float32)
+    out[:emb.shape[0], :emb.shape[1]] = emb
+    out[emb.shape[0]:] = out[emb.shape[0] - 1]
+    return out

@@ -1,22 +1,29 @@
-"""``nld_jax.load``: a checkpoint directory (or the embedded default) -> :class:`NLDModel`."""
+"""``nld_jax.load``: a checkpoint directory (or the embedded default) -> :class:`NLDModel`.
+
+One walk for both formats: read ``config.json`` once, derive every weight's sharding once
+(from the parameter declarations and the mesh, or the caller's tree, or the first device),
+then restore the tensors from NVIDIA's safetensors (:mod:`nld_jax.checkpoint.hf`) or from a
+converted Orbax checkpoint (:mod:`nld_jax.checkpoint.orbax`) straight into those shardings.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nld_jax.checkpoint.hf import load_hf_lora, load_hf_params
-from nld_jax.config import NLDConfig, load_hf_config
-from nld_jax.kv_cache import KVCache
-from nld_jax.params import init_lora, init_params
+from nld_jax import partitioning
+from nld_jax.checkpoint import hf, orbax
+from nld_jax.checkpoint.directory import GenerationDefaults, load_hf_config, read_generation_defaults
+from nld_jax.config import NLDConfig
+from nld_jax.params import flatten_tree, init_lora, init_params, param_specs
 from nld_jax.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["NLDModel", "load", "random_model", "DEFAULT_CHECKPOINT", "resolve_dtype"]
+__all__ = ["NLDModel", "load", "random_model", "DEFAULT_CHECKPOINT", "resolve_dtype", "stored_dtype"]
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(__file__), "assets", "default-model")
 
@@ -34,9 +41,10 @@ def resolve_dtype(dtype) -> Any:
     return jnp.dtype(dtype).type
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class NLDModel:
-    """Weights (one pytree), the optional draft LoRA and tokenizer, and the config.
+    """Weights (one pytree), the optional draft LoRA and tokenizer, and the config. Frozen: a
+    changed model is a new one (``dataclasses.replace``).
 
     ``params`` and ``lora`` are plain pytrees: pass them to the pure functions of
     :mod:`nld_jax.decode` inside your own ``jax.jit`` if the convenience API does not fit.
@@ -47,99 +55,81 @@ class NLDModel:
     lora: dict | None = None
     tokenizer: Tokenizer | None = None
     path: str | None = None
-    # Donated KV caches kept for reuse, keyed by (batch, slots): generation of a new batch of the
-    # same shape reuses the buffer instead of allocating one.
-    _cache_pool: dict = dataclasses.field(default_factory=dict, repr=False)
+    generation: GenerationDefaults = GenerationDefaults()  # the checkpoint's generation_config.json
 
     @property
     def dtype(self):
         return self.params["embed_tokens"].dtype
 
-    def take_cache(self, batch: int, size: int) -> KVCache:
-        cache = self._cache_pool.pop((batch, size), None)
-        if cache is None or cache.k.is_deleted():
-            cache = KVCache.empty(self.config, batch, size, self.dtype)
-        return cache
 
-    def return_cache(self, cache: KVCache) -> None:
-        self._cache_pool.clear()  # keep one buffer: caches can be large
-        self._cache_pool[(cache.batch, cache.size)] = cache
+def stored_dtype(path: str | os.PathLike) -> str:
+    """The dtype a checkpoint stores its weights in, as the model dtype to load them in
+    (``"bfloat16"``, else ``"float32"``: float16 and float64 weights run in float32)."""
+    path = os.fspath(path)
+    if orbax.is_converted_dir(path):
+        leaves = orbax.open_item(os.path.join(path, orbax.PARAMS_ITEM))
+        if "embed_tokens" not in leaves:
+            raise hf.CheckpointError(f"{path}: no array 'embed_tokens' in {orbax.PARAMS_ITEM}/")
+        dtype = np.dtype(leaves["embed_tokens"].dtype.numpy_dtype)
+    else:
+        ckpt = hf.HFCheckpoint(path)
+        key = "encoder.embed_tokens.weight"
+        if key not in ckpt:
+            raise hf.CheckpointError(f"{path}: missing tensor {key!r}")
+        dtype = np.dtype(ckpt.dtype(key))
+    return "bfloat16" if dtype.name == "bfloat16" else "float32"
 
 
-def is_converted_dir(path: str) -> bool:
-    """Whether ``path`` is a checkpoint written by ``nld-convert`` (Orbax), not an HF directory."""
-    return os.path.isdir(os.path.join(path, "params")) and os.path.exists(os.path.join(path, "nld_metadata.json"))
+def _sharding_plan(config: NLDConfig, mesh, rules, shardings):
+    """``(sharding_of(leaf), lora_sharding_of(rank) -> (leaf -> sharding))``, derived once: from
+    the caller's tree, else from the declarations on ``mesh``, else the first device."""
+    rules = rules or partitioning.DEFAULT_RULES
+    if shardings is not None:
+        flat = partitioning.flat_shardings(shardings, list(param_specs(config)), "shardings")
+        if mesh is None:
+            mesh = partitioning.mesh_of(list(flat.values()))
+    elif mesh is not None:
+        flat = flatten_tree(partitioning.param_shardings(config, mesh, rules))
+    else:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return (lambda leaf: one), (lambda rank: lambda leaf: one)
+    if mesh is None:  # the caller's shardings name no mesh (single devices): the LoRA goes with the embedding
+        return flat.__getitem__, (lambda rank: lambda leaf: flat["embed_tokens"])
+    return flat.__getitem__, (lambda rank: partitioning.lora_shardings(config, mesh, rank, rules).__getitem__)
 
 
 def load(path: str | os.PathLike | None = None, dtype="float32", *, load_lora: bool = True,
          load_tokenizer_files: bool = True, mesh=None, rules=None, shardings=None) -> NLDModel:
-    """Load an NLD checkpoint directory (NVIDIA's HF layout) or the embedded default (``path=None``).
+    """Load an NLD checkpoint directory (NVIDIA's HF layout, or one converted by ``nld-convert``)
+    or the embedded default (``path=None``).
 
     ``dtype`` is the compute and storage dtype of the weights (bf16 on disk is upcast for
-    float32). The draft LoRA of ``linear_spec_lora/`` stays float32 (as PEFT runs it).
+    float32; None keeps the stored dtype). The draft LoRA of ``linear_spec_lora/`` stays float32
+    (as PEFT runs it).
 
     ``mesh`` (a ``jax.sharding.Mesh``, see :func:`nld_jax.sharding.make_mesh`) restores every
-    weight straight into its sharding under ``rules`` (default :data:`nld_jax.sharding.DEFAULT_RULES`);
-    ``shardings`` (a tree like the weights) overrides the derived ones. In a multi-process run
-    each process copies only its own devices' slices.
+    weight straight into its sharding under ``rules`` (default :data:`nld_jax.partitioning.DEFAULT_RULES`),
+    and the LoRA into its own; ``shardings`` (a tree like the weights) overrides the derived
+    ones. In a multi-process run each process reads only its own devices' slices.
     """
     path = DEFAULT_CHECKPOINT if path is None else os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    dt = resolve_dtype(dtype)
-    if is_converted_dir(path):
-        return _load_orbax_sharded(path, dt, load_lora, load_tokenizer_files, mesh, rules, shardings)
+    dt = resolve_dtype(stored_dtype(path) if dtype is None else dtype)
     config = load_hf_config(path)
-    place = lora_place = None
-    if mesh is not None or shardings is not None:
-        place, lora_place = _placers(config, mesh, rules, shardings)
-    params = load_hf_params(path, config, dt, place=place)
-    lora = load_hf_lora(path, config, place=lora_place) if load_lora else None
-    if lora is not None and lora_place is not None:
-        lora["scale"] = lora_place("lora.scale", np.asarray(lora["scale"]))
+    param_sharding_of, lora_sharding_of = _sharding_plan(config, mesh, rules, shardings)
+    converted = orbax.is_converted_dir(path)
+    if converted:
+        orbax.read_metadata(path)  # format and version
+        params = orbax.read_params(path, config, dt, param_sharding_of)
+        rank = orbax.lora_rank(path) if load_lora else None
+        lora = orbax.read_lora(path, config, lora_sharding_of(rank)) if rank else None
+    else:
+        params = hf.read_hf_params(path, config, dt, param_sharding_of)
+        rank = hf.hf_lora_rank(path) if load_lora else None
+        lora = hf.read_hf_lora(path, config, lora_sharding_of(rank)) if rank else None
     tok = load_tokenizer(path, config.bos_token_id, config.eos_token_id) if load_tokenizer_files else None
-    return NLDModel(config, params, lora, tok, path)
-
-
-def _placers(config: NLDConfig, mesh, rules, shardings):
-    """``place(path, host_array)`` hooks that put each weight (and LoRA leaf) into its sharding."""
-    from nld_jax import sharding as sh
-    from nld_jax.params import flatten_tree
-
-    rules = rules or sh.DEFAULT_RULES
-    flat = flatten_tree(shardings) if shardings is not None else flatten_tree(sh.param_shardings(config, mesh, rules))
-    mesh = mesh or next(iter(flat.values())).mesh
-
-    def place(path, host):
-        return sh.place_global(host, flat[path])
-
-    def lora_place(path, host):
-        name = path.removeprefix("lora.")
-        if name == "scale":
-            return sh.place_global(host, sh.replicated(mesh))
-        rank = host.shape[-1] if name == "A" else host.shape[1]  # A [L, H, Dh, r], B [L, r, D]
-        return sh.place_global(host, sh.lora_shardings(config, mesh, rank, rules)[name])
-
-    return place, lora_place
-
-
-def _load_orbax_sharded(path, dt, load_lora, load_tokenizer_files, mesh, rules, shardings) -> NLDModel:
-    from checkpoints_convert.orbax_io import load_orbax  # the converter's format
-
-    if mesh is None and shardings is None:
-        return load_orbax(path, dtype=dt, load_lora=load_lora, load_tokenizer_files=load_tokenizer_files)
-    from nld_jax import sharding as sh
-
-    rules = rules or sh.DEFAULT_RULES
-    config = load_hf_config(path)
-    shardings = shardings if shardings is not None else sh.param_shardings(config, mesh, rules)
-    # Each device reads only its own chunks; the small LoRA comes replicated and is resharded below.
-    model = load_orbax(path, dtype=dt, load_lora=load_lora, load_tokenizer_files=load_tokenizer_files,
-                       shardings=shardings)
-    if model.lora is not None:
-        mesh = mesh or jax.tree.leaves(shardings)[0].mesh
-        model.lora = sh.put_tree(model.lora, sh.lora_shardings(config, mesh, int(model.lora["A"].shape[-1]), rules))
-    return model
+    return NLDModel(config, params, lora, tok, path, read_generation_defaults(path))
 
 
 def random_model(config: NLDConfig, seed: int = 0, dtype="float32", lora_rank: int | None = None,

@@ -22,7 +22,10 @@ a leading ``L`` axis so that the layer loop is a ``lax.scan``; matrices stored `
     diffusion_head                        [D, V]
 
 The draft LoRA (``o_proj`` only) is its own small tree: ``A [L, H, Dh, r]``, ``B [L, r, D]``
-and ``scale`` (a float32 scalar, alpha / r).
+and ``scale`` (a float32 scalar, alpha / r, from PEFT's ``adapter_config.json``).
+
+The KV cache's logical axes live here too (:data:`CACHE_AXES`), so that every sharded array of a
+decode program takes its sharding from a declaration in this one file.
 """
 
 from __future__ import annotations
@@ -43,9 +46,11 @@ __all__ = [
     "abstract_params",
     "init_params",
     "init_lora",
+    "lora_axes",
+    "CACHE_AXES",
     "tree_from_flat",
     "flatten_tree",
-    "cast_params",
+    "param_bytes",
 ]
 
 Params = dict[str, Any]
@@ -151,6 +156,19 @@ def lora_specs(config: NLDConfig, rank: int) -> dict[str, ParamSpec]:
     }
 
 
+def lora_axes(config: NLDConfig, rank: int) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """``{leaf: (logical axes, shape)}`` of the whole LoRA tree, ``scale`` included (replicated)."""
+    out = {name: (spec.axes, spec.shape) for name, spec in lora_specs(config, rank).items()}
+    out["scale"] = ((), ())
+    return out
+
+
+# Logical axes of the KV cache's arrays (``nld_jax.kv_cache.KVCache``): [L, B, S, K, Dh] and [B].
+CACHE_AXES = {"k": ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim"),
+              "v": ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim"),
+              "lengths": ("batch",)}
+
+
 # --------------------------------------------------------------------------------------
 # Tree helpers
 # --------------------------------------------------------------------------------------
@@ -208,10 +226,6 @@ def init_lora(config: NLDConfig, key: jax.Array, rank: int, alpha: float, std: f
     B = jnp.zeros(specs["B"].shape, jnp.float32) if zero_b else _init_leaf(
         kb, dataclasses.replace(specs["B"], init="normal"), jnp.float32, std)
     return {"A": A, "B": B, "scale": jnp.asarray(alpha / rank, jnp.float32)}
-
-
-def cast_params(params: Params, dtype) -> Params:
-    return jax.tree.map(lambda x: x.astype(dtype), params)
 
 
 def param_bytes(params: Params) -> int:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
-__all__ = ["cdiv", "round_up", "next_pow2", "idiv", "irem", "check_block_attention_args", "queries_as_rows",
-           "rows_as_queries", "merge_partials", "matmul_precision", "NEG_INF"]
+__all__ = ["poison_outputs", "cdiv", "round_up", "next_pow2", "idiv", "irem", "check_block_attention_args", "queries_as_rows",
+           "rows_as_queries", "positions_as_rows", "merge_partials", "matmul_precision", "NEG_INF"]
 
 NEG_INF = float("-inf")
 
@@ -85,6 +86,14 @@ def rows_as_queries(rows, T: int, H: int):
     return rows[:, :, :T * G].reshape(B, K, T, G, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, H, Dh)
 
 
+def positions_as_rows(x, group: int, rows_padded: int):
+    """A per-position ``x [B, T]`` on the row axis of :func:`queries_as_rows`: ``[B, rows_padded]``
+    with row ``t * group + g`` holding ``x[:, t]``. Padding rows repeat the last position: they
+    then see no key it does not, so they neither widen a tile's key range nor empty a softmax."""
+    rows = jnp.repeat(x, group, axis=1)
+    return jnp.pad(rows, ((0, 0), (0, rows_padded - rows.shape[1])), mode="edge")
+
+
 def merge_partials(acc, m, l, axis: int):
     """Merge split-softmax partials along ``axis``: ``acc`` unnormalised ``sum exp(s - m) v``,
     ``m`` the running max and ``l`` the sum of exponentials (``m, l`` without the Dh axis).
@@ -97,3 +106,17 @@ def merge_partials(acc, m, l, axis: int):
     l_all = jnp.sum(w * l, axis=axis)
     acc_all = jnp.sum(w[..., None] * acc, axis=axis)
     return acc_all / jnp.where(l_all == 0, 1.0, l_all)[..., None]
+
+
+def poison_outputs(out_shapes, in_specs: list, operands: list) -> dict[int, int]:
+    """Tests' ``poison=True``: each output starts as NaN (integers as -1) through an aliased extra
+    operand, so a tile the kernel forgot to write shows up, on real hardware too. Appends the
+    operands and their specs; returns ``input_output_aliases`` (operand indices count the
+    scalar-prefetch operands, which ``operands`` already holds)."""
+    aliases = {}
+    for n, shape in enumerate(out_shapes):
+        in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
+        fill = jnp.nan if jnp.issubdtype(shape.dtype, jnp.floating) else -1
+        operands.append(jnp.full(shape.shape, fill, shape.dtype))
+        aliases[len(operands) - 1] = n
+    return aliases

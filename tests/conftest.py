@@ -10,6 +10,11 @@ import pathlib
 import jax
 import pytest
 
+# Eight CPU devices in the test process itself, so that sharded runs (meshes of up to 8) are
+# checked in-process; single-device tests run on the first one, as before. It must be set
+# before JAX starts its backends, i.e. here, before any test touches JAX.
+jax.config.update("jax_num_cpu_devices", 8)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = ROOT / "tests" / "data" / "nld-tiny"
 

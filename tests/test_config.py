@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from nld_jax.config import (ConfigError, PRESETS, RopeConfig, config_from_hf, config_to_hf, load_hf_config,
+from nld_jax.checkpoint.directory import load_hf_config
+from nld_jax.config import (ConfigError, PRESETS, RopeConfig, config_from_hf, config_to_hf,
                             yarn_attention_factor)
 from nld_jax.rope import _yarn_correction_range, inverse_frequencies
 

@@ -21,7 +21,7 @@ from nld_jax.config import NLDConfig, RopeConfig
 from nld_jax.checkpoint.hf import expand_keys
 from nld_jax.params import abstract_params, flatten_tree, lora_specs, param_specs
 
-from checkpoints_convert import convert_hf_to_orbax, convert_orbax_to_hf, load_orbax, save_orbax
+from checkpoints_convert import convert_hf_to_orbax, convert_orbax_to_hf, save_orbax
 from checkpoints_convert.orbax_io import PYTREE_HANDLER
 from checkpoints_convert.testing import hf_dir_tensors, random_hf_checkpoint
 
@@ -73,7 +73,7 @@ def test_round_trip_is_bit_exact(converted, name):
 def test_logits_from_orbax_equal_logits_from_source(converted, name):
     src, orbax_dir, _ = converted[name]
     ref = nld_jax.load(src, dtype="float32")
-    out = nld_jax.load(orbax_dir, dtype="float32")  # nld_jax.load dispatches to load_orbax
+    out = nld_jax.load(orbax_dir, dtype="float32")  # nld_jax.load reads both formats
     assert out.config == ref.config
     np.testing.assert_array_equal(np.asarray(nld_jax.forward(out, TOKENS)), np.asarray(nld_jax.forward(ref, TOKENS)))
     prefix, block = TOKENS[:, :6], TOKENS[:, 6:]
@@ -86,7 +86,7 @@ def test_logits_from_orbax_equal_logits_from_source(converted, name):
 
 def test_bf16_stays_bf16_and_keep_dtype(converted):
     _, orbax_dir, _ = converted["tiny"]
-    model = load_orbax(orbax_dir, dtype=None, load_tokenizer_files=False)
+    model = nld_jax.load(orbax_dir, dtype=None, load_tokenizer_files=False)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(model.params))
     assert model.lora["A"].dtype == jnp.float32
 
@@ -124,7 +124,7 @@ def test_float32_conversion_and_back_to_bf16(sources, tmp_path):
 def test_no_lora(sources, tmp_path):
     convert_hf_to_orbax(sources["tiny"], tmp_path / "out", lora=False, progress=False)
     assert not (tmp_path / "out" / "lora").exists()
-    assert load_orbax(tmp_path / "out", load_tokenizer_files=False).lora is None
+    assert nld_jax.load(tmp_path / "out", load_tokenizer_files=False).lora is None
     convert_orbax_to_hf(tmp_path / "out", tmp_path / "back", progress=False)
     assert not (tmp_path / "back" / "linear_spec_lora").exists()
 

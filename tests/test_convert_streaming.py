@@ -16,12 +16,17 @@ from nld_jax.params import lora_specs, param_specs
 
 from checkpoints_convert import convert_hf_to_orbax, convert_orbax_to_hf
 from checkpoints_convert.orbax_io import chunk_shape
-from checkpoints_convert.streaming import chunk_blocks, copy_blocked, is_view_of
+from checkpoints_convert.streaming import chunk_blocks, copy_blocked
 from checkpoints_convert.testing import hf_dir_tensors
 from checkpoints_convert.to_hf import is_dense_layout
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "nld-tiny"
+
+
+def is_view_of(view: np.ndarray, base: np.ndarray) -> bool:
+    """Whether writing through ``view`` fills all of ``base`` (a transpose/reshape, not a copy)."""
+    return view.size == base.size and view.flags.writeable and np.may_share_memory(view, base)
 
 
 def _all_specs(config):

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import nld_jax
-from nld_jax.decode.common import DecodeInputs, block_hidden, prefill
+from nld_jax.attention import BlockPattern
+from nld_jax.decode import prefill
 from nld_jax.kv_cache import KVCache
-from nld_jax.model import forward_logits, lm_head
+from nld_jax.model import forward_hidden, forward_logits, lm_head
 
 
 def _prompts(cases):
@@ -26,16 +27,15 @@ def test_ar_with_cache_equals_one_forward(tiny, cases):
     prompt = np.asarray(cases["prompts"]["batch"]["ids"], np.int32)  # [2, 40]
     out = nld_jax.generate(tiny, prompt.tolist(), mode="ar", max_new_tokens=12)
     full = np.concatenate([prompt, np.asarray(out.tokens, np.int32)], axis=1)  # [2, 52]
-    reference = np.asarray(forward_logits(tiny.params, tiny.config, jnp.asarray(full), attn_impl="xla"))
+    reference = np.asarray(forward_logits(tiny.params, tiny.config, jnp.asarray(full)))
 
     B, P = prompt.shape
     cache = KVCache.empty(tiny.config, B, full.shape[1])
-    inputs = DecodeInputs(jnp.asarray(prompt), jnp.full((B,), P, jnp.int32), 0.0, 0.0, None)
-    cache, last = prefill(tiny.params, tiny.config, cache, inputs, "xla")
-    stepped = [lm_head(tiny.params, tiny.config, last)]
+    cache, last = prefill(tiny.params, tiny.config, cache, jnp.asarray(prompt), jnp.full((B,), P, jnp.int32))
+    stepped = [lm_head(tiny.params, tiny.config, last[:, 0])]
     for t in range(P, full.shape[1] - 1):
-        hidden, k, v = block_hidden(tiny.params, tiny.config, cache, jnp.asarray(full[:, t:t + 1]), causal=True,
-                                    lora=None, kernels="xla")
+        hidden, k, v = forward_hidden(tiny.params, tiny.config, jnp.asarray(full[:, t:t + 1]), cache,
+                                      pattern=BlockPattern.causal(B, 1))
         cache = cache.write(k, v).advance(jnp.ones((B,), jnp.int32))
         stepped.append(lm_head(tiny.params, tiny.config, hidden[:, 0]))
     stepped = np.stack([np.asarray(s) for s in stepped], axis=1)  # logits predicting tokens P..end
@@ -70,7 +70,7 @@ def test_greedy_spec_with_threshold_equals_greedy_ar(tiny, cases):
     assert all(t >= p for t, p in zip(spec.nfe, plain.nfe))
 
 
-@pytest.mark.parametrize("mode,kw", [("ar", {}), ("diffusion", {"threshold": 0.9}), ("diffusion", {}),
+@pytest.mark.parametrize("mode,kw", [("ar", {}), ("diffusion", {"threshold": 0.9}), ("diffusion", {"threshold": None}),
                                      ("spec", {}), ("spec", {"use_lora": True})])
 def test_ragged_batch_rows_equal_batch1(tiny, cases, mode, kw):
     prompts = _prompts(cases)
@@ -128,8 +128,9 @@ def test_threshold_and_temperature_values_do_not_recompile(tiny, cases):
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
 def test_max_new_tokens_not_a_multiple_of_the_block(tiny, cases, mode):
     prompt = cases["prompts"]["batch"]["ids"][0]  # this prompt runs 48 tokens without EOS
-    out = nld_jax.generate(tiny, [prompt], mode=mode, max_new_tokens=13, block_length=8)
-    longer = nld_jax.generate(tiny, [prompt], mode=mode, max_new_tokens=16, block_length=8)
+    schedule = {"threshold": None} if mode == "diffusion" else {}  # NVIDIA's top-k schedule
+    out = nld_jax.generate(tiny, [prompt], mode=mode, max_new_tokens=13, block_length=8, **schedule)
+    longer = nld_jax.generate(tiny, [prompt], mode=mode, max_new_tokens=16, block_length=8, **schedule)
     if mode == "spec":  # may overshoot by < block_length, like the reference
         assert 13 <= len(out.tokens[0]) < 13 + 8
         assert out.tokens[0] == longer.tokens[0][:len(out.tokens[0])]

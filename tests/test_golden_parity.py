@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import nld_jax
-from nld_jax.decode.common import DecodeInputs, prefill
+from nld_jax.decode import prefill
 from nld_jax.kv_cache import KVCache
 
 RTOL, ATOL = 1e-5, 1e-4  # float32; |logits| reach ~30
@@ -43,15 +43,14 @@ def test_prefill_cache_and_last_logits(tiny, golden_dir):
     ids = np.asarray(a["input_ids"], np.int32)
     B, P = ids.shape
     cache = KVCache.empty(tiny.config, B, P)
-    inputs = DecodeInputs(ids, np.full((B,), P, np.int32), np.float32(0), np.float32(0), None)
-    cache, last = prefill(tiny.params, tiny.config, cache, inputs, "xla")
+    cache, last = prefill(tiny.params, tiny.config, cache, ids, np.full((B,), P, np.int32))
     for n in range(tiny.config.num_hidden_layers):
         # golden layout [B, K, P, Dh]; ours [L, B, S, K, Dh]
         np.testing.assert_allclose(np.asarray(cache.k[n]).transpose(0, 2, 1, 3), b[f"cache_keys_layer{n}"],
                                    rtol=RTOL, atol=ATOL)
         np.testing.assert_allclose(np.asarray(cache.v[n]).transpose(0, 2, 1, 3), b[f"cache_values_layer{n}"],
                                    rtol=RTOL, atol=ATOL)
-    logits = np.asarray(nld_jax.model.lm_head(tiny.params, tiny.config, last))
+    logits = np.asarray(nld_jax.model.lm_head(tiny.params, tiny.config, last[:, 0]))
     np.testing.assert_allclose(logits, b["prefill_last_logits"], rtol=RTOL, atol=ATOL)
 
 

@@ -1,8 +1,10 @@
-"""Block attention kernels (decode: a query block over the KV cache) against the dense reference.
+"""Block attention (a decode block of queries over the KV cache and the block's own keys): one
+suite, run against every implementation, the XLA one included, and an independent float64 oracle.
 
-One suite, run against every implementation: the interpreted TPU and Triton kernels on CPU,
-the compiled ones on their hardware (``-m gpu`` on the GPU machine). Cache slots past each
-row's length are NaN, outputs start from NaN (``poison=True``), and lengths include 0 and S.
+Interpreted kernels run on CPU, compiled ones on their hardware (``-m gpu`` on the GPU machine).
+Kernels get NaN in the cache slots past each row's length and start their outputs from NaN
+(``poison=True``); lengths include 0 and S. bf16 results are held to an error bound derived from
+bf16 rounding (``tests/_oracles.py``), tight enough that dropping one key fails.
 """
 
 from __future__ import annotations
@@ -15,17 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nld_jax.attention import attention_xla
-from pallas_kernels.block_attention import api
+from pallas_kernels.block_attention import BlockPattern, api
 from pallas_kernels.block_attention.kernel_mgpu import MosaicBlockSizes
 from pallas_kernels.block_attention.kernel_tpu import TpuBlockSizes
 from pallas_kernels.block_attention.kernel_triton import TritonBlockSizes
-from pallas_kernels.block_attention.masks import CacheBlockMask
-from pallas_kernels.block_attention.reference import block_attention_reference
-from pallas_kernels.testing import COMPILED, INTERPRETED, assert_close, block_inputs
+from pallas_kernels.block_attention.mask import CacheBlockMask
+from pallas_kernels.testing import COMPILED, INTERPRETED, block_inputs
+import _oracles
+
+IMPLEMENTATIONS = ["xla", *INTERPRETED, *COMPILED]
 
 # Small tiles force many tiles, ragged last tiles, several query tiles and several splits.
 SMALL_SIZES = {
+    "xla": None,
     "pallas_interpret": TpuBlockSizes(block_q=16, block_kv=16, block_kv_new=8),
     "pallas_tpu": TpuBlockSizes(block_q=128, block_kv=128, block_kv_new=128),
     "pallas_triton_interpret": TritonBlockSizes(block_q=16, block_kv=16, block_kv_new=16, num_splits=3),
@@ -33,107 +37,159 @@ SMALL_SIZES = {
     "pallas_mosaic_gpu": MosaicBlockSizes(block_kv=64, num_splits=3),
 }
 
-# (G, C, causal, dtype, S, Dh): every G, every C, both modes, both dtypes, in 4 runs per kernel
-# (the slow sweep runs the full product).
+# (G, C, mode, dtype, S, Dh): every G, every C, both uniform modes, both dtypes, in 4 runs per
+# implementation (the slow sweep runs the full product, mixed batches included; mixed and
+# structured patterns also have their own test).
 CASES = [
-    (1, 1, True, jnp.float32, 40, 32),
-    (2, 8, False, jnp.bfloat16, 77, 64),
-    (4, 16, True, jnp.bfloat16, 50, 32),
-    (8, 32, False, jnp.float32, 24, 32),
+    (1, 1, "causal", jnp.float32, 40, 32),
+    (2, 8, "bidirectional", jnp.bfloat16, 77, 64),
+    (4, 16, "causal", jnp.bfloat16, 50, 32),
+    (8, 32, "bidirectional", jnp.float32, 24, 32),
 ]
 
 
-@functools.partial(jax.jit, static_argnames="causal")
-def _reference(*args, causal):
-    with jax.default_matmul_precision("highest"):
-        return block_attention_reference(*args, causal=causal)
-
-
 def _case_id(case):
-    G, C, causal, dtype, S, Dh = case
-    return f"G{G}-C{C}-{'causal' if causal else 'bidir'}-{jnp.dtype(dtype).name}-S{S}-Dh{Dh}"
+    G, C, mode, dtype, S, Dh = case
+    return f"G{G}-C{C}-{mode}-{jnp.dtype(dtype).name}-S{S}-Dh{Dh}"
+
+
+def _pattern(mode: str, B: int, T: int, rng) -> tuple[BlockPattern, str | None]:
+    """``(pattern, uniform)``: a uniform batch, or (``"mixed"``) causal and bidirectional rows
+    at random, the bidirectional ones over a random valid prefix."""
+    if mode == "causal":
+        return BlockPattern.causal(B, T), mode
+    if mode == "bidirectional":
+        return BlockPattern.bidirectional(B, T), mode
+    causal = jnp.asarray(rng.integers(0, 2, B), bool)
+    return BlockPattern.per_row(causal, T, valid=jnp.asarray(rng.integers(1, T + 1, B), jnp.int32)), None
+
+
+def _mixed_pattern(T: int) -> BlockPattern:
+    """Five rows of different patterns: causal; bidirectional; bidirectional over its first 5
+    positions (padding past them); quadratic-spec-like (3 causal drafts, then groups of 3 masks
+    that see a prefix of the drafts and each other); and one group spread over the block
+    (``group = t % 3``: query 0 sees the last keys, so the key extent is not the position's)."""
+    t = np.arange(T)
+    drafts = t < 3
+    structured = (np.where(drafts, t, 100 + (t - 3) // 3), np.where(drafts, t, 1 + (t - 3) // 3))
+    rows = [BlockPattern.causal(1, T), BlockPattern.bidirectional(1, T), BlockPattern.bidirectional(1, T, valid=5),
+            BlockPattern(*(jnp.asarray(x[None], jnp.int32) for x in structured)),
+            BlockPattern(jnp.asarray(t[None] % 3, jnp.int32), jnp.zeros((1, T), jnp.int32))]
+    return BlockPattern(*(jnp.concatenate([getattr(p, f) for p in rows]) for f in ("group", "reach")))
+
+
+def _check(impl, args, pattern, uniform, dtype, sizes=None):
+    run = functools.partial(api.block_attention, uniform=uniform, implementation=impl, sizes=sizes,
+                            poison=impl != "xla")
+    out = jax.jit(run)(*args, pattern)
+    assert out.shape == args[0].shape and out.dtype == args[0].dtype
+    expected, weighted = _oracles.decode_attention(*args, _oracles.block_visible(pattern.group, pattern.reach))
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        bound = _oracles.bf16_bound(expected, weighted)
+    else:
+        bound = 2e-5 * (np.abs(expected) + weighted) + 2e-6
+    _oracles.assert_within(out, expected, bound)
+
+
+def _inputs(impl, seed, *, B, T, G, S, Dh, lengths, dtype, uniform):
+    """Decode inputs for ``impl`` (skipped where a compiled kernel cannot take them)."""
+    if impl in ("pallas_tpu", "pallas_mosaic_gpu"):
+        Dh = 128  # the compiled kernels' head-size granule
+    K = 2 if G < 8 else 1
+    if impl not in INTERPRETED and impl != "xla":
+        reason = api.unsupported_reason(impl, (B, T, K * G, Dh), K, dtype, uniform)
+        if reason:
+            pytest.skip(reason)
+    # Stale slots are NaN for the kernels; the XLA implementation (like the Mosaic GPU kernel,
+    # whose tensor-core P @ V reads V from SMEM) relies on finite stale slots, which KVCache
+    # guarantees: it gets large finite garbage (wrongly used, it would still show).
+    garbage = jnp.nan if impl not in ("xla", "pallas_mosaic_gpu") else 1e4
+    return block_inputs(seed, B=B, T=T, H=K * G, K=K, Dh=Dh, S=S, lengths=lengths, dtype=dtype, garbage=garbage)
 
 
 def _run(impl, case, seed, sizes="small"):
-    G, C, causal, dtype, S, Dh = case
-    if impl == "pallas_tpu" or impl == "pallas_mosaic_gpu":
-        Dh = 128  # the compiled kernels' head-size granule
-    K = 2 if G < 8 else 1
-    if impl not in INTERPRETED:
-        reason = api.unsupported_reason(impl, (3, C, K * G, Dh), K, dtype)
-        if reason:
-            pytest.skip(reason)
+    G, C, mode, dtype, S, Dh = case
     rng = np.random.default_rng(seed)
+    pattern, uniform = _pattern(mode, 3, C, rng)
     lengths = [0, S, int(rng.integers(1, S))]  # empty, full and ragged rows in one batch
-    # Stale slots are NaN, except for the Mosaic GPU kernel, whose tensor-core P @ V takes V
-    # straight from SMEM: it needs finite stale slots (as KVCache guarantees), so they get
-    # large finite values there (wrongly used, they would still show).
-    garbage = 1e4 if impl == "pallas_mosaic_gpu" else jnp.nan
-    args = block_inputs(seed, B=3, T=C, H=K * G, K=K, Dh=Dh, S=S, lengths=lengths, dtype=dtype, garbage=garbage)
-    sizes = SMALL_SIZES[impl] if sizes == "small" else sizes
-    out = jax.jit(functools.partial(api.block_attention, causal=causal, implementation=impl, sizes=sizes,
-                                    poison=True))(*args)
-    ref = _reference(*args, causal=causal)
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    assert_close(out, ref, dtype)
+    args = _inputs(impl, seed, B=3, T=C, G=G, S=S, Dh=Dh, lengths=lengths, dtype=dtype, uniform=uniform)
+    _check(impl, args, pattern, uniform, dtype, SMALL_SIZES[impl] if sizes == "small" else sizes)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("impl", INTERPRETED)
-def test_interpreted_kernel_matches_reference(impl, case):
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_implementation_matches_oracle(impl, case):
     _run(impl, case, seed=CASES.index(case))
 
 
 @pytest.mark.parametrize("impl", INTERPRETED)
 def test_interpreted_kernel_default_sizes(impl):
     # The production tile sizes (one tile per axis at these shapes) and a prefill-sized block.
-    _run(impl, (4, 32, True, jnp.bfloat16, 200, 32), seed=11, sizes=None)
-
-
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("impl", COMPILED)
-def test_compiled_kernel_matches_reference(impl, case):
-    _run(impl, case, seed=CASES.index(case))
+    _run(impl, (4, 32, "causal", jnp.bfloat16, 200, 32), seed=11, sizes=None)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", INTERPRETED)
-def test_interpreted_kernel_full_sweep(impl):
-    """Every GQA ratio x block size, modes and dtypes alternating so that each G and each C
-    meets both modes and both dtypes; random cache sizes."""
+@pytest.mark.parametrize("impl", ["xla", *INTERPRETED])
+def test_full_sweep(impl):
+    """Every GQA ratio x block size, modes (causal, bidirectional, mixed batches) and dtypes
+    alternating so that each G and each C meets every mode and both dtypes; random cache sizes."""
     rng = np.random.default_rng(0)
     for n, (gi, ci) in enumerate(itertools.product(range(4), range(4))):
         G, C = (1, 2, 4, 8)[gi], (1, 8, 16, 32)[ci]
-        causal, dtype = (gi + ci) % 2 == 0, (jnp.float32, jnp.bfloat16)[(gi + ci // 2) % 2]
-        _run(impl, (G, C, causal, dtype, int(rng.integers(8, 90)), 32), seed=100 + n)
+        mode = ("causal", "bidirectional", "mixed")[(gi + ci) % 3]
+        dtype = (jnp.float32, jnp.bfloat16)[(gi + ci // 2) % 2]
+        _run(impl, (G, C, mode, dtype, int(rng.integers(8, 90)), 32), seed=100 + n)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("G", [1, 2, 4, 8])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_mixed_and_structured_patterns(impl, G, dtype):
+    """Every implementation takes a pattern per row (:func:`_mixed_pattern`), with ragged lengths
+    (0, S and two between), NaN stale slots and small tiles: several query tiles, block-key tiles
+    and cache tiles, so the data-driven skipping of block-key tiles is exercised."""
+    T, S = 20, 37
+    args = _inputs(impl, 7 + G, B=5, T=T, G=G, S=S, Dh=32, lengths=[0, S, 11, 30, 1], dtype=dtype, uniform=None)
+    _check(impl, args, _mixed_pattern(T), None, dtype, SMALL_SIZES[impl])
 
 
 def test_empty_cache_and_prefill_shapes():
-    """S = 0 (a prefill from scratch) and a block longer than the tiles."""
-    for impl in INTERPRETED:
-        args = block_inputs(5, B=2, T=24, H=4, K=2, Dh=32, S=0, lengths=[0, 0], dtype=jnp.float32)
-        out = jax.jit(functools.partial(api.block_attention, causal=True, implementation=impl, poison=True))(*args)
-        assert_close(out, _reference(*args, causal=True))
+    """S = 0 (a prefill from scratch) and a block longer than the tiles, uniform and mixed."""
+    args = block_inputs(5, B=2, T=24, H=4, K=2, Dh=32, S=0, lengths=[0, 0], dtype=jnp.float32)
+    mixed = BlockPattern.per_row(jnp.asarray([False, True]), 24, valid=jnp.asarray([9, 24]))
+    for impl in ["xla", *INTERPRETED]:
+        _check(impl, args, BlockPattern.causal(2, 24), "causal", jnp.float32)
+        _check(impl, args, mixed, None, jnp.float32)
 
 
-def test_reference_agrees_with_model_attention():
-    """The dense-mask oracle is the model's own attention (finite garbage: attention_xla, unlike
-    the oracle, lets NaN garbage through 0 * NaN)."""
-    for causal in (True, False):
-        args = block_inputs(3, B=3, T=8, H=8, K=2, Dh=32, S=20, lengths=[0, 20, 7], dtype=jnp.float32, garbage=9.0)
-        np.testing.assert_allclose(_reference(*args, causal=causal),
-                                   jax.jit(attention_xla, static_argnames="causal")(*args, causal=causal),
-                                   atol=2e-6, rtol=2e-6)
+def test_one_dropped_key_is_caught_at_bf16():
+    """The bf16 bound is tight enough to fail an attention that skips one of 77 cache slots."""
+    args = block_inputs(2, B=1, T=8, H=4, K=2, Dh=64, S=77, lengths=[77], dtype=jnp.bfloat16)
+    pattern = BlockPattern.bidirectional(1, 8)
+    dropped = (*args[:5], jnp.asarray([76], jnp.int32))  # the last valid slot left out
+    out = api.block_attention(*dropped, pattern, uniform="bidirectional", implementation="xla")
+    expected, weighted = _oracles.decode_attention(*args, _oracles.block_visible(pattern.group, pattern.reach))
+    with pytest.raises(AssertionError, match="exceeds the bound"):
+        _oracles.assert_within(out, expected, _oracles.bf16_bound(expected, weighted))
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_mask_tile_metadata_is_exact(causal):
-    """Tiles the kernels skip are fully masked in the dense mask, and the last tile they visit
-    is not: skipping is exact, neither unsafe nor wasteful."""
-    mask = CacheBlockMask(causal)
-    S, T, G = 45, 12, 4
-    lengths = jnp.arange(0, S + 1, 3, dtype=jnp.int32)
-    dense = np.asarray(mask.materialize(lengths, S, T))  # [B, T, S + T]
+def test_mask_tile_metadata_is_exact():
+    """The kernels' predicate is the oracle's, and their tile metadata is exact: tiles they skip
+    are fully masked in the dense mask and the last tile they visit is not (skipping neither
+    unsafe nor wasteful), for every row pattern of :func:`_mixed_pattern`, GQA rows and tile
+    sizes that cut the block into one to several tiles."""
+    S, T, G = 45, 20, 4
+    lengths = jnp.arange(0, S + 1, 3, dtype=jnp.int32)  # 16 rows: the 5 patterns, cycled
+    base = _mixed_pattern(T)
+    pattern = BlockPattern(*(jnp.resize(x, (lengths.shape[0], T)) for x in (base.group, base.reach)))
+    mask = CacheBlockMask(T)
+    dense = np.asarray(mask.materialize(lengths, pattern, S))  # [B, T, S + T]
+    oracle_block = _oracles.block_visible(pattern.group, pattern.reach)
+    np.testing.assert_array_equal(dense[:, :, S:], oracle_block)
+    valid = np.arange(S)[None, None, :] < np.asarray(lengths)[:, None, None]
+    np.testing.assert_array_equal(dense[:, :, :S], np.broadcast_to(valid, dense[:, :, :S].shape))
+    np.testing.assert_array_equal(pattern.key_extent(), _oracles.key_extent(oracle_block))
+
     for bk in (8, 16):
         n_cache = np.asarray(mask.cache_tiles(lengths, bk))
         for b, length in enumerate(np.asarray(lengths)):
@@ -141,34 +197,61 @@ def test_mask_tile_metadata_is_exact(causal):
             assert not visible_cache[n_cache[b] * bk:].any()
             if length:
                 assert visible_cache[(n_cache[b] - 1) * bk:].any()
-    for bq, bkn in ((8, 4), (16, 8), (48, 16)):
-        for start in range(0, T * G, bq):
-            rows_t = np.arange(start, min(start + bq, T * G)) // G
-            need = int(mask.block_tiles(start, bq, G, T, bkn))
-            visible_block = dense[0][rows_t][:, S:].any(axis=0)
+    for bq, bkn in ((8, 4), (16, 8), (48, 16), (16, 32)):
+        tiles = np.asarray(mask.block_tiles(pattern, G, bq, bkn))
+        assert tiles.shape == (lengths.shape[0], -(-T * G // bq)) and tiles.dtype == np.int32
+        for b, i in itertools.product(*map(range, tiles.shape)):
+            rows_t = np.arange(i * bq, min((i + 1) * bq, T * G)) // G
+            visible_block = dense[b][rows_t][:, S:].any(axis=0)
+            need = tiles[b, i]
             assert not visible_block[need * bkn:].any()
             assert visible_block[(need - 1) * bkn:].any()
+    # Skipping happens: the first query tile of the causal row visits fewer block tiles than the
+    # bidirectional row's, and query 0 of the spread group reaches the block's end.
+    first = np.asarray(mask.block_tiles(pattern, G, 8, 4))[:5, 0]
+    assert first[0] == 1 and first[1] == first[4] == -(-T // 4)
 
 
 def test_dispatch():
     args = block_inputs(1, B=1, T=4, H=2, K=1, Dh=32, S=8, lengths=[5], dtype=jnp.float32)
+    causal = BlockPattern.causal(1, 4)
+    shape = (1, 4, 2, 32)
     if jax.default_backend() == "cpu":
-        assert api.resolve_implementation("auto", (1, 4, 2, 32), 1, jnp.float32) == "xla"
+        assert api.resolve_implementation("auto", shape, 1, jnp.float32, uniform="causal") == "xla"
         with pytest.raises(NotImplementedError, match="needs a TPU"):
-            api.block_attention(*args, causal=True, implementation="pallas_tpu")
+            api.block_attention(*args, causal, uniform="causal", implementation="pallas_tpu")
         with pytest.raises(NotImplementedError, match="needs a GPU"):
-            api.block_attention(*args, causal=True, implementation="pallas_triton")
-        out = jax.jit(functools.partial(api.block_attention, causal=True, implementation="pallas_tpu",
-                                        fallback=True))(*args)
-        assert_close(out, _reference(*args, causal=True))
+            api.block_attention(*args, causal, implementation="pallas_triton")
+        assert api.resolve_implementation("pallas_tpu", shape, 1, jnp.float32, uniform="causal",
+                                          fallback=True) == "xla"
+    # The TPU and Triton kernels take any pattern (uniform=None); the Mosaic GPU kernel only a
+    # uniform one: named for a mixed batch it says why, and fallback goes on to Triton.
+    for impl in INTERPRETED:
+        assert api.resolve_implementation(impl, shape, 1, jnp.float32, uniform=None) == impl
+    with pytest.raises(NotImplementedError, match="batch-uniform"):
+        api.resolve_implementation("pallas_mosaic_gpu", (1, 4, 2, 128), 1, jnp.bfloat16, uniform=None)
+    assert api.resolve_implementation("pallas_mosaic_gpu", (1, 4, 2, 128), 1, jnp.bfloat16, uniform=None,
+                                      fallback=True) == ("pallas_triton" if jax.default_backend() == "gpu" else "xla")
+    with pytest.raises(ValueError, match="uniform must be"):
+        api.resolve_implementation("xla", shape, 1, jnp.float32, uniform="sparse")
     with pytest.raises(NotImplementedError, match="power of two"):
-        api.resolve_implementation("pallas_triton_interpret", (1, 4, 2, 48), 1, jnp.float32)
+        api.resolve_implementation("pallas_triton_interpret", (1, 4, 2, 48), 1, jnp.float32, uniform="causal")
     with pytest.raises(ValueError, match="unknown"):
-        api.resolve_implementation("cudnn", (1, 4, 2, 32), 1, jnp.float32)
+        api.resolve_implementation("cudnn", shape, 1, jnp.float32)
 
 
-def test_registered_in_model_registries():
-    from nld_jax.ops import ATTENTION, GREEDY_HEAD
+def test_the_model_reaches_the_kernel_it_names():
+    """``nld_jax.attention.decode_attention`` runs the implementation of its Runtime: an
+    interpreted kernel gives the XLA result on a mixed batch, and a kernel that cannot take the
+    call is refused."""
+    from nld_jax.attention import decode_attention
+    from nld_jax.runtime import Runtime
 
-    for name in ("pallas_tpu", "pallas_triton", "pallas_mosaic_gpu", "pallas_interpret", "pallas_triton_interpret"):
-        assert name in ATTENTION.names() and name in GREEDY_HEAD.names()
+    args = block_inputs(4, B=2, T=8, H=4, K=2, Dh=32, S=20, lengths=[3, 20], dtype=jnp.float32, garbage=0.0)
+    pattern = BlockPattern.per_row(jnp.asarray([True, False]), 8)
+    outs = {impl: jax.jit(lambda *a, impl=impl: decode_attention(*a, pattern, uniform=None,
+                                                                 runtime=Runtime(impl)))(*args)
+            for impl in ("xla", "pallas_interpret")}
+    np.testing.assert_allclose(outs["pallas_interpret"], outs["xla"], atol=2e-5, rtol=2e-5)
+    with pytest.raises(NotImplementedError, match="batch-uniform"):
+        decode_attention(*args, pattern, uniform=None, runtime=Runtime("pallas_mosaic_gpu"))

@@ -1,7 +1,8 @@
-"""Checkpoint I/O: NVIDIA's HF safetensors layout."""
+"""Checkpoint I/O: NVIDIA's HF safetensors layout (:mod:`.hf`), nld-jax's converted Orbax layout
+(:mod:`.orbax`) and the JSON files beside them (:mod:`.directory`); readers return trees."""
 
-from nld_jax.checkpoint.hf import CheckpointError, HFCheckpoint, load_hf_lora, load_hf_params
+from nld_jax.checkpoint.hf import CheckpointError, HFCheckpoint, read_hf_lora, read_hf_params
 from nld_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 
-__all__ = ["CheckpointError", "HFCheckpoint", "load_hf_params", "load_hf_lora", "SafetensorsFile",
+__all__ = ["CheckpointError", "HFCheckpoint", "read_hf_params", "read_hf_lora", "SafetensorsFile",
            "write_safetensors"]

@@ -13,15 +13,15 @@ import json
 import os
 from typing import Any, Callable, Iterable, Mapping
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 from nld_jax.checkpoint.safetensors_io import SafetensorsFile
 from nld_jax.config import NLDConfig
 from nld_jax.params import ParamSpec, lora_specs, param_specs, tree_from_flat
 
-__all__ = ["CheckpointError", "HFCheckpoint", "load_hf_params", "load_hf_lora", "expand_keys",
-           "PICKLE_SUFFIXES"]
+__all__ = ["CheckpointError", "HFCheckpoint", "read_hf_params", "read_hf_lora", "hf_lora_rank", "parse_adapter_config",
+           "expand_keys", "check_tensor_set", "key_listing", "PICKLE_SUFFIXES", "FLOAT_DTYPES"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_FILE = "model.safetensors.index.json"
@@ -29,6 +29,8 @@ LORA_DIR = "linear_spec_lora"
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file names inside LORA_DIR
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_INDEX = "adapter_model.safetensors.index.json"
+# Floating dtypes a checkpoint may store weights in (by numpy name).
+FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
 class CheckpointError(ValueError):
@@ -143,23 +145,34 @@ def read_param(ckpt: HFCheckpoint, spec: ParamSpec, num_layers: int, dtype) -> n
     return out
 
 
-def load_hf_params(directory: str | os.PathLike, config: NLDConfig, dtype=jnp.float32,
-                   place: Callable[[str, np.ndarray], Any] | None = None) -> dict:
-    """All base weights in our layout; ``place(path, host_array)`` puts each on device(s)."""
+def _place(host: np.ndarray, sharding) -> Any:
+    # Each process copies only the slices of its own devices (single device, mesh or multi-host).
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def read_hf_params(directory: str | os.PathLike, config: NLDConfig, dtype,
+                   sharding_of: Callable[[str], Any]) -> dict:
+    """All base weights in our layout, as a tree; each leaf is put into ``sharding_of(leaf path)``
+    in ``dtype`` (None: the stored dtype), one tensor on the host at a time."""
     ckpt = HFCheckpoint(directory)
     specs = param_specs(config)
     _check_accounting(ckpt, specs, config.L)
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    place = place or (lambda path, x: jnp.asarray(x))
-    flat = {path: place(path, read_param(ckpt, spec, config.L, np_dtype)) for path, spec in specs.items()}
+    flat = {}
+    for path, spec in specs.items():
+        np_dtype = np.dtype(ckpt.dtype(expand_keys(spec, config.L)[0])) if dtype is None else np.dtype(dtype)
+        flat[path] = _place(read_param(ckpt, spec, config.L, np_dtype), sharding_of(path))
     return tree_from_flat(flat)
 
 
-def _lora_rank_alpha(adapter_config: dict, where: str) -> tuple[int, float]:
+def parse_adapter_config(adapter_config: Any, where: str) -> tuple[int, float]:
+    """``(rank, alpha)`` of a PEFT ``adapter_config.json`` for NLD's draft LoRA; anything else
+    (other target modules, per-layer patterns, DoRA, biases...) is refused by name."""
+    if not isinstance(adapter_config, dict):
+        raise CheckpointError(f"{where}: {ADAPTER_CONFIG} must hold a JSON object, got {type(adapter_config).__name__}")
     targets = adapter_config.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
-    if sorted(targets) != ["o_proj"]:
+    if not isinstance(targets, list) or sorted(map(str, targets)) != ["o_proj"]:
         raise CheckpointError(f"{where}: LoRA target_modules {targets} unsupported (NLD's draft LoRA is o_proj only)")
     for field in ("rank_pattern", "alpha_pattern"):
         if adapter_config.get(field):
@@ -171,30 +184,50 @@ def _lora_rank_alpha(adapter_config: dict, where: str) -> tuple[int, float]:
         raise CheckpointError(f"{where}: LoRA bias={adapter_config['bias']!r} is not supported")
     if adapter_config.get("layers_to_transform") is not None:
         raise CheckpointError(f"{where}: layers_to_transform is not supported")
-    return int(adapter_config["r"]), float(adapter_config["lora_alpha"])
+    rank, alpha = adapter_config.get("r"), adapter_config.get("lora_alpha")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 65536:
+        raise CheckpointError(f"{where}: {ADAPTER_CONFIG} field r={rank!r} must be an integer in [1, 65536]")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha <= 0:
+        raise CheckpointError(f"{where}: {ADAPTER_CONFIG} field lora_alpha={alpha!r} must be a positive number")
+    return rank, float(alpha)
 
 
-def load_hf_lora(directory: str | os.PathLike, config: NLDConfig,
-                 place: Callable[[str, np.ndarray], Any] | None = None) -> dict | None:
-    """The draft LoRA of ``directory/linear_spec_lora`` (or of ``directory`` itself), or None."""
-    directory = os.fspath(directory)
+def _lora_dir(directory: str) -> str | None:
     lora_dir = os.path.join(directory, LORA_DIR)
-    if not os.path.isdir(lora_dir):
-        if os.path.exists(os.path.join(directory, ADAPTER_CONFIG)):
-            lora_dir = directory
-        else:
-            return None
+    if os.path.isdir(lora_dir):
+        return lora_dir
+    return directory if os.path.exists(os.path.join(directory, ADAPTER_CONFIG)) else None
+
+
+def _adapter_config(lora_dir: str) -> tuple[int, float]:
     cfg_path = os.path.join(lora_dir, ADAPTER_CONFIG)
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"{lora_dir} has no {ADAPTER_CONFIG}")
-    with open(cfg_path) as f:
-        rank, alpha = _lora_rank_alpha(json.load(f), lora_dir)
+    try:
+        with open(cfg_path) as f:
+            return parse_adapter_config(json.load(f), cfg_path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from None
+
+
+def hf_lora_rank(directory: str | os.PathLike) -> int | None:
+    """The rank of the draft LoRA in ``directory/linear_spec_lora`` (or ``directory``), or None."""
+    lora_dir = _lora_dir(os.fspath(directory))
+    return None if lora_dir is None else _adapter_config(lora_dir)[0]
+
+
+def read_hf_lora(directory: str | os.PathLike, config: NLDConfig, sharding_of: Callable[[str], Any]) -> dict | None:
+    """The draft LoRA ``{A, B, scale}`` of ``directory/linear_spec_lora`` (or of ``directory``
+    itself), or None; leaves go into ``sharding_of("A" | "B" | "scale")``."""
+    lora_dir = _lora_dir(os.fspath(directory))
+    if lora_dir is None:
+        return None
+    rank, alpha = _adapter_config(lora_dir)
     ckpt = HFCheckpoint(lora_dir, single_file=ADAPTER_FILE, index_file=ADAPTER_INDEX)
     specs = lora_specs(config, rank)
     _check_accounting(ckpt, specs, config.L)
-    place = place or (lambda path, x: jnp.asarray(x))
     # The adapter runs in float32 whatever the model dtype (PEFT casts its input to the adapter dtype).
-    lora = {name: place("lora." + name, read_param(ckpt, spec, config.L, np.float32))
+    lora = {name: _place(read_param(ckpt, spec, config.L, np.float32), sharding_of(name))
             for name, spec in specs.items()}
-    lora["scale"] = jnp.asarray(alpha / rank, jnp.float32)
+    lora["scale"] = _place(np.asarray(alpha / rank, np.float32), sharding_of("scale"))
     return lora

@@ -17,7 +17,7 @@ import json
 import sys
 
 DEFAULT_PROMPT = "def fibonacci(n):"
-MODES = ("ar", "diffusion", "spec")
+MODES = ("ar", "diffusion", "spec")  # nld_jax.decode.MODES (not imported here: --help stays fast)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,12 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES + ("all",), default="ar",
                    help="decoding mode; 'all' runs ar, diffusion and spec in turn on the same prompts")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="tokens to generate (default 128, capped to the model's context)")
-    p.add_argument("--block-length", type=int, default=None, help="default: the checkpoint's block_size")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="unmasking confidence threshold (default: 0.9 in diffusion, 0.0 in spec); "
-                        "'--threshold -1' selects the reference's top-k schedule in diffusion")
-    p.add_argument("--temperature", type=float, default=0.0)
+                   help="tokens to generate (default 128); more than the model's context leaves room for is "
+                        "capped to what fits, with a note")
+    p.add_argument("--block-length", type=int, default=None,
+                   help="default: the checkpoint's generation_config.json, else its block_size")
+    p.add_argument("--threshold", default="auto",
+                   help="unmasking confidence threshold in [0, 1]; 'auto' (default): the checkpoint's "
+                        "generation_config.json, else 0.9 in diffusion and 0.0 (one-shot drafts) in spec; "
+                        "'none' (or -1): NVIDIA's top-k schedule in diffusion")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora", action="store_true", help="use the draft LoRA in draft/denoise forwards")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -43,25 +48,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-ids", action="append", default=[],
                    help="a prompt as comma-separated token ids (repeatable)")
     p.add_argument("--chat", action="store_true", help="interactive chat using the chat template")
-    p.add_argument("--kernels", default="auto", help="'auto', 'xla' or a registered kernel name")
+    p.add_argument("--implementation", "--kernels", dest="implementation", default="auto",
+                   help="attention / greedy-head implementation: 'auto' (default), 'xla' or a Pallas kernel name")
     return p
 
 
-def _threshold(args) -> float | None:
-    if args.threshold is None:
-        return 0.9 if args.mode == "diffusion" else None
-    return None if args.threshold < 0 else args.threshold
+def _threshold(text: str):
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--threshold must be a number in [0, 1], 'auto' or 'none', got {text!r}") from None
+    return None if value == -1 else value
 
 
 def _max_new(args, model, prompts: list[list[int]]) -> int:
-    room = model.config.max_position_embeddings - max(len(p) for p in prompts)
+    """The requested budget, capped (with a note) to what the context leaves after the longest
+    prompt (block modes may run block_length - 1 tokens past the budget)."""
+    from nld_jax.decode import context_needed
+
+    limit = model.config.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    block = args.block_length or getattr(getattr(model, "generation", None), "block_length", None) \
+        or model.config.block_size
+    requested = 128 if args.max_new_tokens is None else args.max_new_tokens
+    room = limit - (context_needed(longest, 0, args.mode, block))
     if room < 1:
-        raise SystemExit(f"error: the prompt fills the model's context of {model.config.max_position_embeddings}")
-    if args.max_new_tokens is not None:
-        return args.max_new_tokens
-    # spec may overshoot by block_length - 1 tokens; keep its budget inside the context too
-    slack = 0 if args.mode == "ar" else (args.block_length or model.config.block_size)
-    return max(1, min(128, room - slack))
+        raise ValueError(f"the prompt ({longest} tokens) leaves no room in the model's context of {limit} positions"
+                         + (f" with a {args.mode} block of {block}" if args.mode != "ar" else ""))
+    if requested > room:
+        print(f"note: --max-new-tokens {requested} capped to {room}: the model's context is {limit} positions",
+              file=sys.stderr)
+        return room
+    return requested
 
 
 def _run(args, model, prompts: list[list[int]], labels: list[str], out=None) -> None:
@@ -83,9 +103,10 @@ def _run(args, model, prompts: list[list[int]], labels: list[str], out=None) -> 
             shown["text"] = text
 
     result = nld_jax.generate(model, prompts, mode=args.mode, max_new_tokens=_max_new(args, model, prompts),
-                              block_length=args.block_length, threshold=_threshold(args),
-                              temperature=args.temperature, use_lora=args.lora, seed=args.seed,
-                              kernels=args.kernels, on_tokens=on_tokens if stream else None)
+                              block_length=args.block_length, threshold=_threshold(args.threshold),
+                              temperature=args.temperature, use_lora=args.lora, seed=args.seed, top_p=args.top_p,
+                              top_k=args.top_k, implementation=args.implementation,
+                              on_tokens=on_tokens if stream else None)
     for row, label in enumerate(labels):
         tokens = result.tokens[row]
         text = result.text[row] if result.text is not None else None
@@ -105,6 +126,10 @@ def _run(args, model, prompts: list[list[int]], labels: list[str], out=None) -> 
             shown_text = text if text is not None else " ".join(map(str, tokens))
             out.write(f"=== {label}\n{shown_text}\n")
             out.write(f"[{args.mode}] {len(tokens)} tokens, {result.nfe[row]} forwards, TPF {result.tpf[row]:.2f}\n")
+    if not args.json and not stream:
+        print(f"[{args.mode}] {len(labels)} prompts, {sum(len(t) for t in result.tokens)} tokens in "
+              f"{result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s (batched; depends on the machine's "
+              f"load)", file=sys.stderr)
 
 
 def _chat(args, model) -> None:
@@ -144,31 +169,42 @@ class _Capture:
         self.stream.flush()
 
 
+def _valid_text(text: str, what: str) -> str:
+    """Arguments that are not valid UTF-8 reach Python as surrogate escapes: refuse them by name."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8 text") from None
+    return text
+
+
+def _prompt_ids(spec: str) -> list[int]:
+    try:
+        return [int(t) for t in spec.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"--prompt-ids {spec!r}: expected comma-separated integers such as 1,6,224") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import nld_jax
 
     try:
         model = nld_jax.load(args.checkpoint, dtype=args.dtype)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.chat:
-        if args.mode == "all":
-            print("error: --chat needs one mode (ar, diffusion or spec)", file=sys.stderr)
-            return 2
-        _chat(args, model)
-        return 0
-    prompts: list[list[int]] = []
-    labels: list[str] = []
-    try:
+        if args.chat:
+            if args.mode == "all":
+                raise ValueError("--chat needs one mode (ar, diffusion or spec)")
+            _chat(args, model)
+            return 0
+        prompts: list[list[int]] = []
+        labels: list[str] = []
         for spec in args.prompt_ids:
-            prompts.append([int(t) for t in spec.replace(" ", "").split(",") if t])
+            prompts.append(_prompt_ids(spec))
             labels.append(spec)
-        texts = args.prompts or ([] if prompts else [DEFAULT_PROMPT])
+        texts = [_valid_text(t, f"prompt {i}") for i, t in enumerate(args.prompts)] or \
+            ([] if prompts else [DEFAULT_PROMPT])
         if texts and model.tokenizer is None:
-            print("error: this checkpoint has no tokenizer; use --prompt-ids", file=sys.stderr)
-            return 2
+            raise ValueError("this checkpoint has no tokenizer; pass token ids with --prompt-ids")
         for text in texts:
             prompts.append(model.tokenizer.encode(text))
             labels.append(text)
@@ -176,9 +212,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.mode == "all" and not args.json:
                 print(f"--- {mode}", flush=True)
             _run(argparse.Namespace(**{**vars(args), "mode": mode}), model, prompts, labels)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # ConfigError, CheckpointError and NonFiniteError are ValueErrors
+        print(f"nld-generate: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("nld-generate: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

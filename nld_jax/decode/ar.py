@@ -1,75 +1,49 @@
-"""Autoregressive decoding (the reference's ``ar_generate``), one ``lax.while_loop``.
+"""Autoregressive decoding (the reference's ``ar_generate``): one causal forward per token.
 
-Each row stops at its own EOS or at ``max_new_tokens``; finished rows ride along in the batch
-without advancing their cache or their counters. NFE = generated tokens (the prefill's logits
-give the first token and count as one forward), as the reference counts it.
+Each row stops at its own stop token or at its ``max_new_tokens``; NFE = generated tokens (the
+prefill's logits give the first token and count as one forward), as the reference counts it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
-from jax import lax
 
 from nld_jax.config import NLDConfig
-from nld_jax.decode.common import (DecodeInputs, DecodeOptions, DecodeOutput, block_hidden, decide, next_key,
-                                   output_size_for, prefill, write_rows)
-from nld_jax.decode.stream import emit
-from nld_jax.kv_cache import KVCache
+from nld_jax.decode.sampling import Decision
+from nld_jax.decode.state import Request, Rows, Track, is_stop, write_rows
+from nld_jax.attention import BlockPattern
 
-__all__ = ["ar_decode"]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class _State:
-    cache: KVCache
-    out: jax.Array  # [B, N]
-    decided_at: jax.Array  # [B, N]
-    n: jax.Array  # [B] tokens emitted
-    done: jax.Array  # [B]
-    last: jax.Array  # [B] the last emitted token (the next input)
-    key: jax.Array
+__all__ = ["start", "request", "advance"]
 
 
-def ar_decode(params, lora, cache: KVCache, inputs: DecodeInputs, *, config: NLDConfig,
-              options: DecodeOptions) -> tuple[DecodeOutput, KVCache]:
-    del lora  # the draft LoRA is never used in causal forwards
-    B = inputs.tokens.shape[0]
-    N = output_size_for(options)
-    eos = config.eos_token_id
-    cache, last = prefill(params, config, cache, inputs, options.kernels)
-    key, sub = next_key(inputs.key, options.sample)
-    first, _ = decide(params, config, last, sub, inputs, options)
-
-    def is_eos(tok):
-        return (tok == eos) if eos is not None else jnp.zeros_like(tok, bool)
-
-    ones = jnp.ones((B,), bool)
-    out = write_rows(jnp.zeros((B, N), jnp.int32), first[:, None], jnp.zeros((B,), jnp.int32), ones)
+def start(rows: Rows, track: Track, first, config: NLDConfig) -> Track:
+    """After the prefill: emit the first token."""
+    B = first.shape[0]
+    zeros = jnp.zeros((B,), jnp.int32)
+    out = write_rows(track.out, first[:, None], zeros, jnp.ones((B,), bool))
     n = jnp.ones((B,), jnp.int32)
-    state = _State(cache, out, jnp.zeros((B, N), jnp.int32), n,
-                   is_eos(first) | (n >= options.max_new_tokens), first, key)
+    done = is_stop(first, rows.stop_ids) | (n >= rows.max_new_tokens)
+    blk = track.blk.at[:, 0].set(first)
+    return dataclasses.replace(track, out=out, out_at=jnp.zeros_like(track.out_at), n=n, nfe=n, done=done, blk=blk,
+                               phase=zeros, steps=zeros)
 
-    def cond(s: _State):
-        return jnp.any(~s.done)
 
-    def body(s: _State):
-        active = ~s.done
-        hidden, k, v = block_hidden(params, config, s.cache, s.last[:, None], causal=True, lora=None,
-                                    kernels=options.kernels)
-        cache = s.cache.write(k, v).advance(active.astype(jnp.int32))
-        key, sub = next_key(s.key, options.sample)
-        tok, _ = decide(params, config, hidden[:, 0], sub, inputs, options)
-        out = write_rows(s.out, tok[:, None], s.n, active)
-        decided = write_rows(s.decided_at, s.n[:, None], s.n, active)  # token j comes from forward j
-        n = s.n + active.astype(jnp.int32)
-        done = s.done | is_eos(tok) | (n >= options.max_new_tokens)
-        emit(options.stream, out, n)
-        return _State(cache, out, decided, n, done, jnp.where(active, tok, s.last), key)
+def request(rows: Rows, track: Track, config: NLDConfig) -> Request:
+    B, W = track.blk.shape
+    tokens = jnp.where(jnp.arange(W)[None, :] == 0, track.blk, config.mask_token_id)
+    yes = jnp.ones((B,), bool)
+    return Request(tokens, BlockPattern.causal(B, W), write=yes, lora=~yes)
 
-    s = lax.while_loop(cond, body, state)
-    # AR emits nothing after a row's EOS, so every emitted token is kept; NFE = tokens.
-    return DecodeOutput(s.out, s.n, s.n, s.decided_at), s.cache
+
+def advance(rows: Rows, track: Track, req: Request, dec: Decision, config: NLDConfig):
+    tok = dec.tokens[:, 0]
+    live = ~track.done
+    out = write_rows(track.out, tok[:, None], track.n, live)
+    out_at = write_rows(track.out_at, track.n[:, None], track.n, live)  # token j comes from forward j
+    n = track.n + 1
+    done = track.done | is_stop(tok, rows.stop_ids) | (n >= rows.max_new_tokens)
+    new = dataclasses.replace(track, out=out, out_at=out_at, n=n, nfe=n, done=done,
+                              blk=track.blk.at[:, 0].set(tok))
+    return new, jnp.ones_like(track.n)  # the token's K/V stays in the cache

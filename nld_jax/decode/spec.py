@@ -1,19 +1,19 @@
-"""Linear self-speculation (the reference's ``linear_spec_generate``), batched with per-row acceptance.
+"""Linear self-speculation (the reference's ``linear_spec_generate``), with per-row acceptance.
 
     causal prefill, LoRA off (nfe = 1) -> seed; emit seed
     while emitted < max_new_tokens:
         blk = [seed, MASK * (C-1)]
-        draft (LoRA on, bidirectional, cache read-only): threshold 0 fills every mask in one
-              forward; threshold > 0 repeats, filling masks with confidence >= threshold (at
-              least the most confident one), one forward each, until none remain
-        verify (LoRA off, causal, writes the cache): ar = token after each slot
-        accept the longest prefix with ar[i] == blk[i+1], plus one bonus token; roll the cache
-        back to the accepted length; seed = the last accepted token; stop at the first EOS
+        DRAFT  (LoRA on, bidirectional, cache read-only): threshold 0 fills every mask in one
+               forward; threshold > 0 repeats, filling masks with confidence >= threshold (at
+               least the most confident one), one forward each, until none remain
+        VERIFY (LoRA off, causal, writes the cache): ar = token after each slot; accept the
+               longest prefix with ar[i] == blk[i+1], plus one bonus token; roll the cache back
+               to the accepted length; seed = the last accepted token; stop at the first EOS
 
 At temperature 0 the output equals greedy AR token for token. Like the reference, the output
 may overshoot ``max_new_tokens`` by up to C-1 tokens (the last accepted run is kept whole), so
 that greedy outputs match the reference's exactly. The reference supports batch 1 only; here
-every row drafts, verifies and accepts independently, and rows that are done ride along.
+every row drafts, verifies and accepts on its own.
 """
 
 from __future__ import annotations
@@ -22,115 +22,96 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from nld_jax.config import NLDConfig
-from nld_jax.decode.common import (DecodeInputs, DecodeOptions, DecodeOutput, block_hidden, decide,
-                                   first_index, next_key, output_size_for, prefill, write_rows)
-from nld_jax.decode.sampling import rank_descending
-from nld_jax.decode.stream import emit
-from nld_jax.kv_cache import KVCache
+from nld_jax.decode.sampling import Decision, rank_descending
+from nld_jax.decode.state import Request, Rows, Track, first_index, gather_at, is_stop, write_rows
+from nld_jax.attention import BlockPattern
 
-__all__ = ["spec_decode", "accepted_length"]
+__all__ = ["DRAFT", "VERIFY", "start", "request", "advance", "accepted_length"]
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class _State:
-    cache: KVCache
-    out: jax.Array  # [B, N]
-    decided_at: jax.Array  # [B, N]
-    n: jax.Array  # [B] tokens emitted
-    nfe: jax.Array  # [B] prefill + draft + verify forwards
-    done: jax.Array  # [B]
-    seed: jax.Array  # [B]
-    key: jax.Array
+DRAFT, VERIFY = 0, 1
 
 
-def accepted_length(draft: jax.Array, verified: jax.Array) -> jax.Array:
-    """Matched draft tokens plus one bonus: longest run of ``verified[i] == draft[i+1]``, + 1."""
+def accepted_length(draft: jax.Array, verified: jax.Array, block_length: jax.Array | int | None = None) -> jax.Array:
+    """Matched draft tokens plus one bonus: the longest run of ``verified[i] == draft[i+1]`` over
+    the row's first ``block_length`` slots (default: all), plus one."""
     match = verified[:, :-1] == draft[:, 1:]
+    if block_length is not None:
+        i = jnp.arange(match.shape[1])[None, :]
+        match = match & (i < jnp.reshape(jnp.asarray(block_length), (-1, 1)) - 1)
     return jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32) + 1
 
 
-def _draft(params, config, options, inputs, cache, blk, active, nfe, key, lora):
-    """Fill the block's masks with the bidirectional (LoRA) forward; returns (blk, nfe, key)."""
-    mask_id = config.mask_token_id
-
-    def fill(blk, key):
-        hidden, _, _ = block_hidden(params, config, cache, blk, causal=False, lora=lora, kernels=options.kernels)
-        key, sub = next_key(key, options.sample)
-        # Only threshold drafting ranks by confidence; a one-shot draft takes every token.
-        tokens, conf = decide(params, config, hidden, sub, inputs, options, with_confidence=options.use_threshold,
-                              confidence_temperature=True)
-        return tokens, conf, key
-
-    if not options.use_threshold:
-        tokens, _, key = fill(blk, key)
-        is_mask = (blk == mask_id) & active[:, None]
-        return jnp.where(is_mask, tokens, blk), nfe + active.astype(jnp.int32), key
-
-    def pending(blk):
-        return active & jnp.any(blk == mask_id, axis=-1)
-
-    def cond(c):
-        return jnp.any(pending(c[0]))
-
-    def body(c):
-        blk, nfe, key = c
-        rows = pending(blk)
-        tokens, conf, key = fill(blk, key)
-        conf = jnp.where(blk == mask_id, conf, -jnp.inf)
-        # At least the most confident mask, so that low-confidence blocks still progress.
-        unmask = ((conf >= inputs.threshold) | (rank_descending(conf) == 0)) & (blk == mask_id)
-        return jnp.where(unmask & rows[:, None], tokens, blk), nfe + rows.astype(jnp.int32), key
-
-    return lax.while_loop(cond, body, (blk, nfe, key))
+def _new_block(track: Track, seed: jax.Array, mask_id: int) -> Track:
+    slots = jnp.arange(track.width)[None, :]
+    zeros = jnp.zeros_like(track.n)
+    return dataclasses.replace(track, blk=jnp.where(slots == 0, seed[:, None], mask_id), phase=zeros + DRAFT,
+                               steps=zeros)
 
 
-def spec_decode(params, lora, cache: KVCache, inputs: DecodeInputs, *, config: NLDConfig,
-                options: DecodeOptions) -> tuple[DecodeOutput, KVCache]:
-    B = inputs.tokens.shape[0]
-    C = options.block_length
-    N = output_size_for(options)
-    mask_id, eos = config.mask_token_id, config.eos_token_id
-    draft_lora = lora if options.use_lora else None
-    slots = jnp.arange(C, dtype=jnp.int32)[None, :]
-
-    def is_eos(tok):
-        return (tok == eos) if eos is not None else jnp.zeros_like(tok, bool)
-
-    cache, last = prefill(params, config, cache, inputs, options.kernels)
-    key, sub = next_key(inputs.key, options.sample)
-    seed, _ = decide(params, config, last, sub, inputs, options)
+def start(rows: Rows, track: Track, first, config: NLDConfig) -> Track:
+    """After the prefill (which counts as a forward): emit the seed."""
+    B = first.shape[0]
+    out = write_rows(track.out, first[:, None], jnp.zeros((B,), jnp.int32), jnp.ones((B,), bool))
     ones = jnp.ones((B,), jnp.int32)
-    out = write_rows(jnp.zeros((B, N), jnp.int32), seed[:, None], jnp.zeros((B,), jnp.int32), ones > 0)
-    state = _State(cache, out, jnp.zeros((B, N), jnp.int32), ones, ones,
-                   is_eos(seed) | (ones >= options.max_new_tokens), seed, key)
+    done = is_stop(first, rows.stop_ids) | (ones >= rows.max_new_tokens)
+    track = dataclasses.replace(track, out=out, out_at=jnp.zeros_like(track.out_at), n=ones, nfe=ones, done=done)
+    return _new_block(track, first, config.mask_token_id)
 
-    def body(s: _State) -> _State:
-        live = ~s.done
-        blk = jnp.where(slots == 0, s.seed[:, None], mask_id)
-        blk, nfe, key = _draft(params, config, options, inputs, s.cache, blk, live, s.nfe, s.key, draft_lora)
 
-        hidden, k, v = block_hidden(params, config, s.cache, blk, causal=True, lora=None, kernels=options.kernels)
-        key, sub = next_key(key, options.sample)
-        verified, _ = decide(params, config, hidden, sub, inputs, options)  # [B, C]
-        accepted = accepted_length(blk, verified)
-        # Stop at the first EOS among the accepted tokens (keep it).
-        eos_at = first_index(is_eos(verified) & (slots < accepted[:, None]), C)
-        emitted = jnp.minimum(accepted, eos_at + 1)
-        # All C entries are written; only the accepted ones are kept (the rest is rolled back).
-        cache = s.cache.write(k, v).advance(jnp.where(live, accepted, 0))
-        out = write_rows(s.out, verified, s.n, live)
-        # nfe counts the forwards run so far, prefill included: the verify is forward number nfe (0-based).
-        decided = write_rows(s.decided_at, jnp.broadcast_to(nfe[:, None], (B, C)), s.n, live)
-        n = s.n + jnp.where(live, emitted, 0)
-        done = s.done | (eos_at < C) | (n >= options.max_new_tokens)
-        seed = jnp.take_along_axis(verified, (accepted - 1)[:, None], axis=-1)[:, 0]
-        nfe = nfe + live.astype(jnp.int32)
-        emit(options.stream, out, n)
-        return _State(cache, out, decided, n, nfe, done, jnp.where(live, seed, s.seed), key)
+def request(rows: Rows, track: Track, config: NLDConfig) -> Request:
+    B, W = track.blk.shape
+    verify = track.phase == VERIFY
+    pattern = BlockPattern.per_row(verify, W, valid=rows.block_length)
+    return Request(track.blk, pattern, write=verify, lora=~verify & rows.use_lora)
 
-    s = lax.while_loop(lambda s: jnp.any(~s.done), body, state)
-    return DecodeOutput(s.out, s.n, s.nfe, s.decided_at), s.cache
+
+def _draft(rows: Rows, track: Track, dec: Decision, mask_id: int) -> Track:
+    in_block = jnp.arange(track.width)[None, :] < rows.block_length[:, None]
+    is_mask = (track.blk == mask_id) & in_block
+    # Threshold drafting ranks by the temperature-scaled confidence (the reference's draft); at
+    # least the most confident mask is filled, so a low-confidence block still progresses.
+    conf = jnp.where(is_mask, dec.confidence_t, -jnp.inf) if dec.confidence_t is not None else None
+    if conf is not None:
+        by_threshold = ((conf >= rows.threshold[:, None]) | (rank_descending(conf) == 0)) & is_mask
+        unmask = jnp.where(rows.use_threshold[:, None], by_threshold, is_mask)
+    else:  # a program without confidence never drafts by threshold
+        unmask = is_mask
+    blk = jnp.where(unmask, dec.tokens, track.blk)
+    steps = track.steps + 1
+    remaining = jnp.any((blk == mask_id) & in_block, axis=-1)
+    # A draft token equal to the mask id keeps its slot masked; the reference would draft again
+    # forever, here a block gets at most C draft passes.
+    again = rows.use_threshold & remaining & (steps < rows.block_length)
+    return dataclasses.replace(track, blk=blk, steps=steps, nfe=track.nfe + 1,
+                               phase=jnp.where(again, DRAFT, VERIFY).astype(jnp.int32))
+
+
+def _verify(rows: Rows, track: Track, dec: Decision, mask_id: int):
+    W = track.width
+    verified = dec.tokens  # [B, W]: the greedy (or sampled) token after each slot
+    accepted = accepted_length(track.blk, verified, rows.block_length)
+    # Stop at the first stop token among the accepted ones (keep it).
+    slots = jnp.arange(W)[None, :]
+    stop_at = first_index(is_stop(verified, rows.stop_ids) & (slots < accepted[:, None]), W)
+    emitted = jnp.minimum(accepted, stop_at + 1)
+    live = ~track.done
+    out = write_rows(track.out, verified, track.n, live)
+    # nfe counts the forwards run so far, prefill included: the verify is forward number nfe (0-based).
+    out_at = write_rows(track.out_at, jnp.broadcast_to(track.nfe[:, None], verified.shape), track.n, live)
+    n = track.n + emitted
+    done = track.done | (stop_at < W) | (n >= rows.max_new_tokens)
+    seed = gather_at(verified, accepted - 1)
+    verified_track = dataclasses.replace(track, out=out, out_at=out_at, n=n, nfe=track.nfe + 1, done=done)
+    return _new_block(verified_track, seed, mask_id), accepted
+
+
+def advance(rows: Rows, track: Track, req: Request, dec: Decision, config: NLDConfig):
+    mask_id = config.mask_token_id
+    verify = track.phase == VERIFY
+    drafted = _draft(rows, track, dec, mask_id)
+    verified, accepted = _verify(rows, track, dec, mask_id)
+    new = jax.tree.map(lambda v, d: jnp.where(verify.reshape(verify.shape + (1,) * (v.ndim - 1)), v, d),
+                       verified, drafted)
+    return new, jnp.where(verify, accepted, 0)  # all C entries were written; only the accepted ones stay

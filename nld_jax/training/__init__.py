@@ -2,12 +2,10 @@
 the self-speculation draft LoRA (see trainer.py for the modes)."""
 
 from nld_jax.training.data import batches, pack_documents, read_documents, sft_rows, train_bpe_tokenizer
-from nld_jax.training.attention import block_diff_attention_xla
-from nld_jax.training.objective import LossConfig, block_diff_mask, draft_loss, mask_tokens, nld_loss, train_hidden
+from nld_jax.training.objective import LossConfig, draft_loss, draft_mask, mask_tokens, nld_loss, train_hidden
 from nld_jax.training.optim import OptimConfig, make_optimizer, make_schedule
 from nld_jax.training.trainer import CheckpointIO, TrainConfig, TrainState, init_state, make_train_step, train_loop
 
-__all__ = ["LossConfig", "OptimConfig", "TrainConfig", "TrainState", "CheckpointIO", "block_diff_mask",
-           "block_diff_attention_xla", "mask_tokens", "nld_loss", "draft_loss", "train_hidden", "make_optimizer",
+__all__ = ["LossConfig", "OptimConfig", "TrainConfig", "TrainState", "CheckpointIO", "draft_mask", "mask_tokens", "nld_loss", "draft_loss", "train_hidden", "make_optimizer",
            "make_schedule", "make_train_step", "init_state", "train_loop", "read_documents", "pack_documents",
            "sft_rows", "batches", "train_bpe_tokenizer"]

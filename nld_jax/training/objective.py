@@ -14,18 +14,17 @@ and training minimises ``loss_sum / loss_count``.
 from __future__ import annotations
 
 import dataclasses
-import operator
 
 import jax
 import jax.numpy as jnp
 
+from nld_jax.attention import block_diff_attention
 from nld_jax.config import NLDConfig
 from nld_jax.model import embed, lm_head, rms_norm, scan_layers
 from nld_jax.rope import llama4_query_scale, rope_cos_sin
-from nld_jax.training.attention import block_diff_attention_xla
+from nld_jax.runtime import DEFAULT_RUNTIME, Runtime
 
-__all__ = ["LossConfig", "block_diff_visible", "block_diff_mask", "mask_tokens", "train_hidden",
-           "nld_loss", "draft_loss", "draft_mask"]
+__all__ = ["LossConfig", "mask_tokens", "train_hidden", "nld_loss", "draft_loss", "draft_mask"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,29 +33,6 @@ class LossConfig:
     ar_weight: float = 1.0
     eps: float = 1e-3  # p = (1 - eps) * t + eps
     remat: bool = False  # recompute layer activations in the backward pass (memory for compute)
-
-
-def block_diff_visible(q, k, L: int, block_size, xp=jnp, div=operator.floordiv, rem=operator.mod):
-    """The ``block_diff`` predicate on query / key indices of the ``[noisy | clean]`` layout.
-
-    With ``blk(i) = (i mod L) // b``: noisy q -> noisy k iff same block; noisy q -> clean k iff
-    ``blk(q) > blk(k)``; clean q -> clean k iff ``q >= k``; clean q -> noisy k never. ``xp`` is
-    ``jax.numpy`` (traced, e.g. a traced ``block_size``) or ``numpy`` (host-side tile tables);
-    kernels pass their own ``div`` / ``rem`` where ``//`` and ``%`` do not lower.
-    """
-    q_clean, k_clean = q >= L, k >= L
-    q_blk, k_blk = div(rem(q, L), block_size), div(rem(k, L), block_size)
-    noisy_noisy = ~q_clean & ~k_clean & (q_blk == k_blk)
-    noisy_clean = ~q_clean & k_clean & (q_blk > k_blk)
-    clean_clean = q_clean & k_clean & (q >= k)
-    return xp.asarray(noisy_noisy | noisy_clean | clean_clean)
-
-
-def block_diff_mask(L: int, block_size) -> jax.Array:
-    """``[2L, 2L]`` bool: may query i attend to key j. ``block_size`` may be traced, so one
-    compiled train step serves every block size."""
-    idx = jnp.arange(2 * L)
-    return block_diff_visible(idx[:, None], idx[None, :], L, block_size)
 
 
 def mask_tokens(key: jax.Array, tokens: jax.Array, eps: float, loss_mask: jax.Array | None = None):
@@ -75,25 +51,27 @@ def mask_tokens(key: jax.Array, tokens: jax.Array, eps: float, loss_mask: jax.Ar
     return masked, p
 
 
-def train_hidden(params, config: NLDConfig, noisy: jax.Array, clean: jax.Array, block_size, *, lora=None,
-                 remat: bool = False, attention=None):
+def train_hidden(params, config: NLDConfig, noisy: jax.Array, clean: jax.Array, block_length, *, lora=None,
+                 lora_gate=None, remat: bool = False, runtime: Runtime = DEFAULT_RUNTIME):
     """Final hidden states ``[B, 2L, D]`` of the ``[noisy | clean]`` layout.
 
-    ``attention(q, k, v, block_size)`` defaults to the XLA version (structured when the block
-    size is static, dense-masked when traced); the Pallas block-sparse kernel
-    (``pallas_kernels.block_attention.api.block_diff_attention``) fits too.
+    The attention is :func:`nld_jax.attention.block_diff_attention` with ``runtime``'s
+    implementation: XLA (the structured form when ``block_length`` is a static int dividing L,
+    the dense mask when it is traced) or a block-sparse Pallas kernel. ``lora_gate [B, 2L]``
+    switches the adapter per token.
     """
-    attention = attention or block_diff_attention_xla
     B, L = clean.shape
     tokens = jnp.concatenate([noisy, clean], axis=1)
     dtype = params["embed_tokens"].dtype
     rope_pos = jnp.broadcast_to(jnp.concatenate([jnp.arange(L), jnp.arange(L)])[None], (B, 2 * L))
     cos, sin = rope_cos_sin(config, rope_pos, dtype)
     q_scale = llama4_query_scale(config, jnp.broadcast_to(jnp.arange(2 * L)[None], (B, 2 * L)))
-    def attend(q, k, v, _):
-        return attention(q, k, v, block_size)
 
-    x, _ = scan_layers(params, config, embed(params, tokens), cos, sin, q_scale, attend, None, lora, remat)
+    def attend(q, k, v, _):
+        return block_diff_attention(q, k, v, block_length, runtime=runtime)
+
+    x = runtime.constrain(embed(params, tokens), ("batch", "seq", "act_embed"))
+    x, _ = scan_layers(params, config, x, cos, sin, q_scale, attend, None, lora, lora_gate, remat, runtime)
     return rms_norm(x, params["norm"], config.rms_norm_eps)
 
 
@@ -102,8 +80,8 @@ def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return logz - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
-def nld_loss(params, config: NLDConfig, tokens: jax.Array, masked: jax.Array, p_mask: jax.Array, block_size,
-             loss: LossConfig = LossConfig(), ar_mask: jax.Array | None = None, attention=None):
+def nld_loss(params, config: NLDConfig, tokens: jax.Array, masked: jax.Array, p_mask: jax.Array, block_length,
+             loss: LossConfig = LossConfig(), ar_mask: jax.Array | None = None, runtime: Runtime = DEFAULT_RUNTIME):
     """NVIDIA's joint objective on ``tokens [B, L]`` with the given masking.
 
     ``ar_mask [B, L]`` (optional, SFT) marks the tokens that count as AR targets (position i's
@@ -112,9 +90,9 @@ def nld_loss(params, config: NLDConfig, tokens: jax.Array, masked: jax.Array, p_
     """
     B, L = tokens.shape
     noisy = jnp.where(masked, config.mask_token_id, tokens)
-    hidden = train_hidden(params, config, noisy, tokens, block_size, remat=loss.remat, attention=attention)
-    logits = lm_head(params, config, hidden[:, :L])
-    causal_logits = lm_head(params, config, hidden[:, L:])
+    hidden = train_hidden(params, config, noisy, tokens, block_length, remat=loss.remat, runtime=runtime)
+    logits = lm_head(params, config, hidden[:, :L], runtime)
+    causal_logits = lm_head(params, config, hidden[:, L:], runtime)
     ce_diff = _cross_entropy(logits, tokens)
     diff_sum = jnp.sum(jnp.where(masked, ce_diff / p_mask, 0.0))
     ce_ar = _cross_entropy(causal_logits[:, :-1], tokens[:, 1:])
@@ -129,27 +107,27 @@ def nld_loss(params, config: NLDConfig, tokens: jax.Array, masked: jax.Array, p_
     return loss_sum, loss_count, aux
 
 
-def draft_mask(L: int, block_size) -> jax.Array:
+def draft_mask(L: int, block_length) -> jax.Array:
     """The self-speculation draft: in every block, the first token is known, the rest masked."""
-    return (jnp.arange(L) % block_size) != 0
+    return (jnp.arange(L) % block_length) != 0
 
 
-def draft_loss(lora, params, config: NLDConfig, tokens: jax.Array, block_size, remat: bool = False,
-               loss_mask: jax.Array | None = None, attention=None):
+def draft_loss(lora, params, config: NLDConfig, tokens: jax.Array, block_length, remat: bool = False,
+               loss_mask: jax.Array | None = None, runtime: Runtime = DEFAULT_RUNTIME):
     """Draft-LoRA objective: mean CE of the bidirectional draft (adapter on) at masked slots.
 
     As at inference, the adapter runs on the noisy (draft) half only; the clean half, which
     plays the role of the causal KV cache, is computed without it.
     """
     B, L = tokens.shape
-    masked = jnp.broadcast_to(draft_mask(L, block_size)[None], (B, L))
+    masked = jnp.broadcast_to(draft_mask(L, block_length)[None], (B, L))
     if loss_mask is not None:
         masked = masked & (loss_mask > 0)
     noisy = jnp.where(masked, config.mask_token_id, tokens)
     gate = jnp.broadcast_to(jnp.concatenate([jnp.ones((L,)), jnp.zeros((L,))])[None], (B, 2 * L))
-    gated = {**lora, "token_gate": gate.astype(jnp.float32)}
-    hidden = train_hidden(params, config, noisy, tokens, block_size, lora=gated, remat=remat, attention=attention)
-    logits = lm_head(params, config, hidden[:, :L])
+    hidden = train_hidden(params, config, noisy, tokens, block_length, lora=lora, lora_gate=gate, remat=remat,
+                          runtime=runtime)
+    logits = lm_head(params, config, hidden[:, :L], runtime)
     ce = _cross_entropy(logits, tokens)
     n = jnp.maximum(jnp.sum(masked), 1)
     accuracy = jnp.sum((jnp.argmax(logits, -1) == tokens) & masked) / n

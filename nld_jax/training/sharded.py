@@ -13,7 +13,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from nld_jax import sharding as sh
+from nld_jax import partitioning as sh
 from nld_jax.config import NLDConfig
 from nld_jax.training.trainer import TrainConfig, init_state, make_train_step
 
@@ -44,7 +44,7 @@ def sharded_train_step(config: NLDConfig, train: TrainConfig, optimizer: optax.G
 
     ``params`` is the trainable tree (the base weights, or the LoRA ``{"A", "B"}`` in lora mode
     with the base weights as ``frozen``). ``batch`` is the global batch size (a multiple of the
-    batch shards). ``step(state, frozen, batch, block_size)`` is :func:`make_train_step`'s.
+    batch shards). ``step(state, frozen, batch, block_length)`` is :func:`make_train_step`'s.
     """
     if train.mode == "lora":
         rank = int(params["A"].shape[-1])
@@ -61,5 +61,5 @@ def sharded_train_step(config: NLDConfig, train: TrainConfig, optimizer: optax.G
     batch_shardings = {"tokens": rows} if train.mode != "sft" else {"tokens": rows, "loss_mask": rows}
     step = make_train_step(config, train, optimizer, lora_scale=lora_scale,
                            in_shardings=(state_shardings, frozen_shardings, batch_shardings, replicated),
-                           out_shardings=(state_shardings, replicated))
+                           out_shardings=(state_shardings, replicated), mesh=mesh, rules=rules)
     return step, state, frozen

@@ -25,6 +25,8 @@ import numpy as np
 import optax
 
 from nld_jax.config import NLDConfig
+from nld_jax.partitioning import DEFAULT_RULES, ShardingRules
+from nld_jax.runtime import Runtime
 from nld_jax.training.objective import LossConfig, draft_loss, mask_tokens, nld_loss
 
 __all__ = ["TrainConfig", "TrainState", "make_train_step", "init_state", "CheckpointIO", "train_loop"]
@@ -37,16 +39,19 @@ class TrainConfig:
     mode: str = "pretrain"
     loss: LossConfig = LossConfig()
     compute_dtype: str = "float32"  # or "bfloat16" (mixed precision)
-    block_sizes: tuple[int, ...] = (32,)  # one is drawn per step (NVIDIA: 64 pretraining, 32 SFT)
-    # "xla": XLA attention computing only the visible parts of the block_diff mask. A Pallas
-    # name ("pallas_tpu", "pallas_triton", ...): the block-sparse block_diff kernel. Both need a
-    # static block size, so one step is compiled per block size; "xla_dense" (a dense mask) takes
-    # a traced block size and compiles once.
-    attention: str = "xla"
+    block_lengths: tuple[int, ...] = (32,)  # one is drawn per step (NVIDIA: 64 pretraining, 32 SFT)
+    # The block_diff attention (pallas_kernels.block_diff): "xla" computes only the visible parts
+    # of the mask; a Pallas name ("pallas_tpu", "pallas_triton", ...) runs the block-sparse kernel;
+    # "auto" follows pallas_kernels.policy. All need a static block length, so one step is compiled
+    # per block length; with trace_block_length the XLA dense mask takes it traced (one program).
+    implementation: str = "xla"
+    trace_block_length: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown training mode {self.mode!r}; choose one of {MODES}")
+        if self.trace_block_length and self.implementation not in ("xla", "auto"):
+            raise ValueError("trace_block_length needs implementation='xla' (the kernels need a static block length)")
 
 
 @jax.tree_util.register_dataclass
@@ -74,25 +79,26 @@ def _cast(tree, dtype: str):
 
 
 def make_train_step(config: NLDConfig, train: TrainConfig, optimizer: optax.GradientTransformation,
-                    lora_scale: float | None = None, in_shardings=None, out_shardings=None) -> Callable:
-    """``step(state, frozen, batch, block_size) -> (state, metrics)``, jitted, state donated.
+                    lora_scale: float | None = None, in_shardings=None, out_shardings=None, *, mesh=None,
+                    rules: ShardingRules = DEFAULT_RULES) -> Callable:
+    """``step(state, frozen, batch, block_length) -> (state, metrics)``, jitted, state donated.
 
     ``batch`` holds ``tokens [B, L]`` and, for SFT, ``loss_mask [B, L]``. ``frozen`` is the base
-    model in ``lora`` mode and None otherwise. Shardings, when given, are passed to ``jax.jit``.
+    model in ``lora`` mode and None otherwise. Shardings, when given, are passed to ``jax.jit``;
+    ``mesh`` / ``rules`` make the model pin its activations to their shardings inside the step.
     """
+    runtime = Runtime(train.implementation, mesh, rules)
 
-    attention = _attention_fn(train.attention)
-
-    def loss_fn(trainable, frozen, batch, block_size, key):
+    def loss_fn(trainable, frozen, batch, block_length, key):
         tokens, loss_mask = batch["tokens"], batch.get("loss_mask")
         if train.mode == "lora":
             lora = {**_cast(trainable, "float32"), "scale": jnp.float32(lora_scale)}
-            loss, metrics = draft_loss(lora, _cast(frozen, train.compute_dtype), config, tokens, block_size,
-                                       train.loss.remat, loss_mask, attention=attention)
+            loss, metrics = draft_loss(lora, _cast(frozen, train.compute_dtype), config, tokens, block_length,
+                                       train.loss.remat, loss_mask, runtime=runtime)
             return loss, metrics
         masked, p_mask = mask_tokens(key, tokens, train.loss.eps, loss_mask)
         loss_sum, count, aux = nld_loss(_cast(trainable, train.compute_dtype), config, tokens, masked, p_mask,
-                                        block_size, train.loss, ar_mask=loss_mask, attention=attention)
+                                        block_length, train.loss, ar_mask=loss_mask, runtime=runtime)
         n_masked = jnp.maximum(aux["n_masked"], 1)
         B, L = tokens.shape
         n_ar = B * (L - 1) if loss_mask is None else jnp.maximum(jnp.sum(loss_mask[:, 1:]), 1)
@@ -100,35 +106,22 @@ def make_train_step(config: NLDConfig, train: TrainConfig, optimizer: optax.Grad
                    "masked_fraction": aux["n_masked"] / tokens.size}
         return loss_sum / count, metrics
 
-    def step(state: TrainState, frozen, batch, block_size):
+    def step(state: TrainState, frozen, batch, block_length):
         key, sub = jax.random.split(state.key)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, frozen, batch,
-                                                                          block_size, sub)
+                                                                          block_length, sub)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {**metrics, "loss": loss, "grad_norm": _global_norm(grads)}
         return TrainState(state.step + 1, trainable, opt_state, key), metrics
 
-    if train.attention == "xla_dense":
+    if train.trace_block_length:
         return jax.jit(step, donate_argnums=(0,), in_shardings=in_shardings, out_shardings=out_shardings)
     if in_shardings is not None:
-        in_shardings = tuple(in_shardings[:3])  # the static block size takes no sharding
+        in_shardings = tuple(in_shardings[:3])  # the static block length takes no sharding
     jitted = jax.jit(step, donate_argnums=(0,), static_argnums=(3,), in_shardings=in_shardings,
                      out_shardings=out_shardings)
-    return lambda state, frozen, batch, block_size: jitted(state, frozen, batch, int(block_size))
-
-
-def _attention_fn(name: str):
-    """The ``attention(q, k, v, block_size)`` of the ``block_diff`` layout."""
-    if name in ("xla", "xla_dense"):
-        # "xla": the structured version when the block size divides the sequence, else the dense mask
-        # (which also covers a last, partial block).
-        from nld_jax.training.attention import block_diff_attention_xla, dense_block_diff_attention
-
-        return dense_block_diff_attention if name == "xla_dense" else block_diff_attention_xla
-    from pallas_kernels.block_attention.api import block_diff_attention
-
-    return lambda q, k, v, block_size: block_diff_attention(q, k, v, int(block_size), implementation=name)
+    return lambda state, frozen, batch, block_length: jitted(state, frozen, batch, int(block_length))
 
 
 class CheckpointIO:
@@ -161,13 +154,13 @@ def _to_python(metrics) -> dict:
 
 
 def train_loop(step_fn: Callable, state: TrainState, frozen, batch_iter: Iterator[dict], total_steps: int,
-               block_sizes: tuple[int, ...], *, log_path: str | None = None, checkpoint: CheckpointIO | None = None,
+               block_lengths: tuple[int, ...], *, log_path: str | None = None, checkpoint: CheckpointIO | None = None,
                checkpoint_every: int = 500, log_every: int = 10, seed: int = 0,
                schedule: Callable | None = None, progress: bool = True,
                stop_after_seconds: float | None = None) -> TrainState:
     """Run ``step_fn`` until ``total_steps``, logging JSON lines and checkpointing periodically.
 
-    The block size of each step is drawn from ``block_sizes`` by a generator seeded with the step
+    The block length of each step is drawn from ``block_lengths`` by a generator seeded with the step
     number, so a resumed run draws the same sequence.
     """
     from tqdm import tqdm
@@ -179,14 +172,14 @@ def train_loop(step_fn: Callable, state: TrainState, frozen, batch_iter: Iterato
     try:
         for step in range(start_step, total_steps):
             batch = next(batch_iter)
-            block = int(np.random.default_rng(seed * 1_000_003 + step).choice(block_sizes))
+            block = int(np.random.default_rng(seed * 1_000_003 + step).choice(block_lengths))
             state, metrics = step_fn(state, frozen, {k: jnp.asarray(v) for k, v in batch.items()}, jnp.int32(block))
             tokens_seen += batch["tokens"].size
             done = step + 1
             if done % log_every == 0 or done == total_steps:
                 m = _to_python(metrics)
                 elapsed = time.perf_counter() - t0
-                record = {"step": done, **{k: round(v, 5) for k, v in m.items()}, "block_size": block,
+                record = {"step": done, **{k: round(v, 5) for k, v in m.items()}, "block_length": block,
                           "lr": float(schedule(step)) if schedule else None,
                           "tokens_per_second": round(tokens_seen / elapsed, 1), "elapsed": round(elapsed, 1)}
                 if log:

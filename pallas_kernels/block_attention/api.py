@@ -7,9 +7,11 @@ Implementations: ``xla`` (:mod:`.reference`, the oracle), ``pallas_tpu``, ``pall
 platform's hardware). Naming a kernel runs it or raises ``NotImplementedError`` saying why;
 ``fallback=True`` degrades (Mosaic GPU -> Triton -> XLA) instead.
 
-The kernels take the static patterns ``uniform="causal"`` / ``"bidirectional"`` (every row of the
-batch has that pattern over the whole block); a batch of mixed or structured patterns
-(``uniform=None``) runs on XLA.
+Patterns: XLA and the TPU and Triton kernels (compiled or interpreted) take any
+:class:`BlockPattern` as data, every row its own (causal, bidirectional, mixed in one batch,
+structured), and skip block-key tiles from it. The Mosaic GPU kernel keeps a static pattern:
+it runs only batches whose every row is ``uniform="causal"`` / ``"bidirectional"``; for
+``uniform=None`` it is unsupported (``fallback=True`` then goes on to Triton).
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ def unsupported_reason(implementation: str, q_shape, num_kv_heads: int, dtype, u
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown block attention implementation {implementation!r}; choose 'auto' or one of "
                          f"{IMPLEMENTATIONS}")
+    if uniform is not None and uniform not in UNIFORM_PATTERNS:
+        raise ValueError(f"uniform must be None or one of {UNIFORM_PATTERNS}, got {uniform!r}")
     if implementation == "xla":
         return None
-    if uniform not in UNIFORM_PATTERNS:
-        return "the kernels take only a batch-uniform causal or bidirectional pattern"
+    if implementation == "pallas_mosaic_gpu" and uniform is None:
+        return "the Mosaic GPU kernel takes only a batch-uniform causal or bidirectional pattern (uniform=None)"
     head_dim, platform = q_shape[-1], policy.platform()
     if implementation == "pallas_interpret":
         return None
@@ -74,7 +78,8 @@ def block_attention(q, k, v, cache_k, cache_v, cache_lengths, pattern: BlockPatt
     ``k, v [B, T, K, Dh]``, ``cache_k, cache_v [B, S, K, Dh]``, ``cache_lengths [B]`` (lengths past
     ``S`` mean the whole cache), ``pattern`` the block's own visibility (:class:`BlockPattern`).
     ``uniform``: ``"causal"`` / ``"bidirectional"`` when every row has that pattern (the caller
-    vouches for it; kernels then use the static form), None otherwise. ``sizes``: the kernel's
+    vouches for it), None otherwise: a hint that only the Mosaic GPU kernel, which needs a
+    static pattern, uses; the others read ``pattern``. ``sizes``: the kernel's
     block-size dataclass (None: its defaults). ``poison``: kernels start their outputs from NaN
     (tests: catches unwritten tiles).
     """
@@ -84,17 +89,15 @@ def block_attention(q, k, v, cache_k, cache_v, cache_lengths, pattern: BlockPatt
     args = (q, k, v, cache_k, cache_v, cache_lengths)
     if impl == "xla":
         return block_attention_xla(*args, pattern)
-    causal = uniform == "causal"
     if impl in ("pallas_tpu", "pallas_interpret"):
         from pallas_kernels.block_attention.kernel_tpu import block_attention_tpu
 
-        return block_attention_tpu(*args, causal=causal, sizes=sizes, interpret=impl == "pallas_interpret",
-                                   poison=poison)
+        return block_attention_tpu(*args, pattern, sizes=sizes, interpret=impl == "pallas_interpret", poison=poison)
     if impl in ("pallas_triton", "pallas_triton_interpret"):
         from pallas_kernels.block_attention.kernel_triton import block_attention_triton
 
-        return block_attention_triton(*args, causal=causal, sizes=sizes,
-                                      interpret=impl == "pallas_triton_interpret", poison=poison)
+        return block_attention_triton(*args, pattern, sizes=sizes, interpret=impl == "pallas_triton_interpret",
+                                      poison=poison)
     from pallas_kernels.block_attention.kernel_mgpu import block_attention_mgpu
 
-    return block_attention_mgpu(*args, causal=causal, sizes=sizes, poison=poison)
+    return block_attention_mgpu(*args, causal=uniform == "causal", sizes=sizes, poison=poison)

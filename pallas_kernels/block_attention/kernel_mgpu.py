@@ -174,7 +174,8 @@ def _kernel(len_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, o_ref, lse_ref, scop
 
 def block_attention_mgpu(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool,
                          sizes: MosaicBlockSizes | None = None, poison: bool = False):
-    """``nld_jax.attention`` semantics (see ``reference.block_attention_reference``); Hopper only."""
+    """:func:`pallas_kernels.block_attention.block_attention` semantics for a batch-uniform causal or
+    bidirectional block; Hopper only."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     B, T, H, K, Dh, S = check_block_attention_args(q, k, v, cache_k, cache_v, cache_lengths)

@@ -5,10 +5,14 @@ Grid ``(B, K, query-row tiles, cache tiles + block tiles)``; the last axis walks
 
 * GQA: the G query heads of a KV head are rows of one matmul (``queries_as_rows``), so every
   K/V tile is fetched once per KV head, never repeated.
-* Ragged lengths: ``cache_lengths`` is scalar-prefetched (SMEM). The cache index map clamps
-  the tile index to the row's last valid tile, so the pipeline re-requests the tile it already
-  holds and issues no DMA for tiles past the length; ``pl.when`` skips their compute. Causal
-  query tiles likewise stop at the block tile of their last position.
+* The block's visibility is data (:class:`BlockPattern`, laid out by ``CacheBlockMask``): each
+  query row carries its position's group and reach, each block key its group, and a tile's
+  mask is one compare of the two. Rows of one batch may have different patterns.
+* Ragged lengths and block sparsity: ``cache_lengths`` and the per-(row, query tile) count of
+  block-key tiles (``CacheBlockMask.block_tiles``) are scalar-prefetched (SMEM). The index maps
+  clamp a tile index to the last tile needed, so the pipeline re-requests the tile it already
+  holds and issues no DMA for tiles past the length or past the queries' key extent; ``pl.when``
+  skips their compute. Causal query tiles thus stop at the block tile of their last position.
 * The cache is read as ``[B, S, K*Dh]`` (a free reshape) so a ``(block_kv, Dh)`` tile of one
   head is a strided DMA with Dh on the lanes; on real TPUs Dh must be a multiple of 128
   (``supported``), which NLD's 128 is. The interpreter has no such constraint.
@@ -25,11 +29,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import (NEG_INF, cdiv, check_block_attention_args, idiv, matmul_precision,
+from pallas_kernels._common import (NEG_INF, cdiv, check_block_attention_args, matmul_precision, poison_outputs,
                                     queries_as_rows, round_up, rows_as_queries)
 from pallas_kernels.block_attention.mask import CacheBlockMask
+from pallas_kernels.block_attention.pattern import BlockPattern
 
 __all__ = ["TpuBlockSizes", "block_attention_tpu", "supported_tpu"]
+
+# Mosaic tiles the last two axes of a VMEM block by (8 sublanes, 128 lanes). The pattern
+# operands are laid out densely in those tiles, as jax's TPU flash attention lays out segment
+# ids: a query row's group / reach repeated over the lanes, a key's group over the sublanes.
+_LANES, _SUBLANES = 128, 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +84,11 @@ def _online_softmax_step(q_ref, k_ref, v_ref, visible, key_ok, m_ref, l_ref, acc
     m_ref[...] = m_new
 
 
-def _kernel(lengths_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, *refs, mask: CacheBlockMask, T: int,
-            S: int, G: int, bq: int, bk: int, bkn: int, n_cache: int, n_block: int, scale: float):
+def _kernel(lengths_ref, tiles_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, rg_ref, rr_ref, kg_ref, *refs,
+            mask: CacheBlockMask, bk: int, bkn: int, n_q: int, n_cache: int, n_block: int, scale: float):
     o_ref, m_ref, l_ref, acc_ref = refs[-4:]  # an aliased poison input may precede them
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     length = lengths_ref[b]
-    row_t = idiv(i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0), G)  # block position of each row
     step = functools.partial(_online_softmax_step, q_ref, m_ref=m_ref, l_ref=l_ref, acc_ref=acc_ref,
                              scale=scale)
 
@@ -93,17 +102,20 @@ def _kernel(lengths_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, *refs, mask: Cac
     def _cache_tile():
         slot = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         slot_col = j * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)  # the same slots, as rows of V
-        # Slots of a ragged last tile past S are padding, not block keys: `slot < S` says so.
-        step(ck_ref, cv_ref, mask(row_t, slot, length, S) & (slot < S), slot_col < length)
+        # Slots of a ragged last tile past S are padding: length <= S hides them too.
+        step(ck_ref, cv_ref, mask.cache(slot, length), mask.cache(slot_col, length))
 
     jb = j - n_cache
 
-    @pl.when((j >= n_cache) & (jb < mask.block_tiles(i * bq, bq, G, T, bkn)))
+    @pl.when((j >= n_cache) & (jb < tiles_ref[b * n_q + i]))
     def _block_tile():
         u = jb * bkn + lax.broadcasted_iota(jnp.int32, (1, bkn), 1)
         u_col = jb * bkn + lax.broadcasted_iota(jnp.int32, (bkn, 1), 0)
+        # [bq, 1] per query row against [1, bkn] per key: the tile's mask by broadcasting.
+        row_group, row_reach = rg_ref[...][:, :1], rr_ref[...][:, :1]
+        visible = mask.block(u, kg_ref[...][:1, :], row_group, row_reach)
         # The last tile may run past T: those columns are padding, masked and zeroed.
-        step(kn_ref, vn_ref, mask(row_t, S + u, length, S) & (u < T), u_col < T)
+        step(kn_ref, vn_ref, visible, u_col < mask.block_len)
 
     @pl.when(j == n_cache + n_block - 1)
     def _finish():
@@ -111,15 +123,17 @@ def _kernel(lengths_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, *refs, mask: Cac
         o_ref[...] = (acc_ref[...] / jnp.where(l == 0, 1.0, l)).astype(o_ref.dtype)
 
 
-def block_attention_tpu(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool,
+def block_attention_tpu(q, k, v, cache_k, cache_v, cache_lengths, pattern: BlockPattern, *,
                         sizes: TpuBlockSizes | None = None, interpret=False, poison: bool = False):
-    """``nld_jax.attention`` semantics (see ``reference.block_attention_reference``).
+    """``block_attention_xla`` semantics: any :class:`BlockPattern`, per row.
 
     ``interpret``: False (compile for TPU), True (the Pallas HLO interpreter, any backend) or a
     ``pltpu.InterpretParams``. ``poison``: start the output from NaN (aliased), so a tile the
     kernel forgot to write shows up in tests on real hardware too.
     """
     B, T, H, K, Dh, S = check_block_attention_args(q, k, v, cache_k, cache_v, cache_lengths)
+    if pattern.shape != (B, T):
+        raise ValueError(f"pattern must be [B, T] = {(B, T)}, got {pattern.shape}")
     sizes = sizes or TpuBlockSizes()
     G = H // K
     lengths = jnp.clip(jnp.asarray(cache_lengths, jnp.int32), 0, S)
@@ -137,24 +151,39 @@ def block_attention_tpu(q, k, v, cache_k, cache_v, cache_lengths, *, causal: boo
     bkn = round_up(T, 16) if T <= sizes.block_kv_new else sizes.block_kv_new
     rows_padded = round_up(rows, bq)
     n_q, n_cache, n_block = rows_padded // bq, cdiv(S, bk), cdiv(T, bkn)
-    mask = CacheBlockMask(causal)
+    mask = CacheBlockMask(T)
+    # SMEM holds 1-D arrays best: the [B, n_q] tile counts, flattened.
+    block_tiles = mask.block_tiles(pattern, G, bq, bkn).reshape(B * n_q)
 
     q_rows = queries_as_rows(q, K, rows_padded)  # [B, K, Rp, Dh]
     # Free reshapes: one head's (tile, Dh) block is then a 2-D strided window.
     ck, cv = cache_k.astype(k.dtype).reshape(B, S, K * Dh), cache_v.astype(v.dtype).reshape(B, S, K * Dh)
     pad_keys = ((0, 0), (0, max(bkn - T, 0)), (0, 0), (0, 0))
     kn, vn = (jnp.pad(x, pad_keys).reshape(B, -1, K * Dh) for x in (k, v))
+    row_group, row_reach = (jnp.broadcast_to(x[..., None], (B, rows_padded, _LANES))
+                            for x in mask.on_rows(pattern, G, rows_padded))
+    # [B, n_block, 8, bkn]: a key tile is then a whole (8, bkn) block for any bkn.
+    key_group = jnp.broadcast_to(mask.on_keys(pattern, bkn).reshape(B, n_block, 1, bkn),
+                                 (B, n_block, _SUBLANES, bkn))
 
-    def q_map(b, h, i, j, lengths_ref):
+    def q_map(b, h, i, j, lengths_ref, tiles_ref):
         return b, h, i, 0
 
-    def cache_map(b, h, i, j, lengths_ref):
+    def rows_map(b, h, i, j, lengths_ref, tiles_ref):
+        return b, i, 0
+
+    def cache_map(b, h, i, j, lengths_ref, tiles_ref):
         last = jnp.maximum(mask.cache_tiles(lengths_ref[b], bk) - 1, 0)
         return b, jnp.minimum(j, last), h
 
-    def block_map(b, h, i, j, lengths_ref):
-        last = mask.block_tiles(i * bq, bq, G, T, bkn) - 1
-        return b, jnp.clip(j - n_cache, 0, last), h
+    def block_tile(b, i, j, tiles_ref):
+        return jnp.clip(j - n_cache, 0, tiles_ref[b * n_q + i] - 1)
+
+    def block_map(b, h, i, j, lengths_ref, tiles_ref):
+        return b, block_tile(b, i, j, tiles_ref), h
+
+    def key_group_map(b, h, i, j, lengths_ref, tiles_ref):
+        return b, block_tile(b, i, j, tiles_ref), 0, 0
 
     in_specs = [
         pl.BlockSpec((None, None, bq, Dh), q_map),
@@ -162,21 +191,20 @@ def block_attention_tpu(q, k, v, cache_k, cache_v, cache_lengths, *, causal: boo
         pl.BlockSpec((None, bk, Dh), cache_map),
         pl.BlockSpec((None, bkn, Dh), block_map),
         pl.BlockSpec((None, bkn, Dh), block_map),
+        pl.BlockSpec((None, bq, _LANES), rows_map),
+        pl.BlockSpec((None, bq, _LANES), rows_map),
+        pl.BlockSpec((None, None, _SUBLANES, bkn), key_group_map),
     ]
-    operands = [lengths, q_rows, ck, cv, kn, vn]
+    operands = [lengths, block_tiles, q_rows, ck, cv, kn, vn, row_group, row_reach, key_group]
     out_shape = jax.ShapeDtypeStruct((B, K, rows_padded, Dh), q.dtype)
-    aliases = {}
-    if poison:
-        in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
-        operands.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
-        aliases = {len(operands) - 1: 0}  # operand indices count the scalar-prefetch operand
+    aliases = poison_outputs([out_shape], in_specs, operands) if poison else {}
 
-    kernel = functools.partial(_kernel, mask=mask, T=T, S=S, G=G, bq=bq, bk=bk, bkn=bkn, n_cache=n_cache,
+    kernel = functools.partial(_kernel, mask=mask, bk=bk, bkn=bkn, n_q=n_q, n_cache=n_cache,
                                n_block=n_block, scale=1.0 / Dh ** 0.5)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
+            num_scalar_prefetch=2,
             grid=(B, K, n_q, n_cache + n_block),
             in_specs=in_specs,
             out_specs=pl.BlockSpec((None, None, bq, Dh), q_map),

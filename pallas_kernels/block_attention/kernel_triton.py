@@ -5,9 +5,13 @@ H100's 132 SMs, so the key axis ``[cache | block]`` of every row is also cut int
 ``num_splits`` ranges (flash-decoding). Each program runs an online softmax over its range and
 writes an unnormalised ``(acc, max, sum)`` partial; :func:`merge_partials` folds them.
 
+* The block's visibility is data (:class:`BlockPattern`, laid out by ``CacheBlockMask``): each
+  query row carries its position's group and reach, each block key its group, and a tile's
+  mask is one compare of the two. Rows of one batch may have different patterns.
 * Ranges are cut per row from that row's own tile count (``cdiv(length, block_kv)`` cache
-  tiles plus the block tiles its queries need), so loops are bounded by the length and tiles
-  past it are never loaded: short rows simply finish early.
+  tiles plus the block-key tiles its query tile needs, ``CacheBlockMask.block_tiles``, an int32
+  operand), so loops are bounded by the length and the queries' key extent, and tiles past
+  them are never loaded: short rows and causal query tiles simply finish early.
 * GQA: the G query heads of a KV head are rows of one ``tl.dot`` (``queries_as_rows``).
 * Loads past the valid range are masked (``other=0``), which also keeps padded garbage out.
 """
@@ -22,9 +26,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (NEG_INF, cdiv, check_block_attention_args, idiv, matmul_precision,
-                                    merge_partials, next_pow2, queries_as_rows, round_up, rows_as_queries)
+from pallas_kernels._common import (NEG_INF, cdiv, check_block_attention_args, idiv, matmul_precision, merge_partials,
+                                    next_pow2, poison_outputs, queries_as_rows, round_up, rows_as_queries)
 from pallas_kernels.block_attention.mask import CacheBlockMask
+from pallas_kernels.block_attention.pattern import BlockPattern
 
 __all__ = ["TritonBlockSizes", "block_attention_triton", "supported_triton"]
 
@@ -54,30 +59,29 @@ def supported_triton(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
-def _kernel(len_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, *refs, mask: CacheBlockMask, T: int, S: int,
-            G: int, bq: int, bk: int, bkn: int, n_splits: int, scale: float):
+def _kernel(len_ref, tiles_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, rg_ref, rr_ref, kg_ref, *refs,
+            mask: CacheBlockMask, bk: int, bkn: int, n_splits: int, scale: float):
     from jax.experimental.pallas import triton as pl_triton
 
     acc_ref, m_ref, l_ref = refs[-3:]  # aliased poison inputs may precede them
-    i, split = pl.program_id(2), pl.program_id(3)
+    split = pl.program_id(3)
     length = len_ref[...]
     q = q_ref[...]
     precision = matmul_precision(q.dtype)
-    row_t = idiv(i * bq + jnp.arange(bq, dtype=jnp.int32), G)
+    row_group, row_reach = rg_ref[...][:, None], rr_ref[...][:, None]
 
     n_cache = mask.cache_tiles(length, bk)
-    total = n_cache + mask.block_tiles(i * bq, bq, G, T, bkn)
+    total = n_cache + tiles_ref[...]
     per_split = idiv(total + n_splits - 1, n_splits)
     lo = jnp.minimum(split * per_split, total)
     hi = jnp.minimum(lo + per_split, total)
 
-    def fold(carry, k_ref, v_ref, start, size, key_index, key_ok):
+    def fold(carry, k_ref, v_ref, start, size, key_ok, visible):
         acc, m, l = carry
         k = pl_triton.load(k_ref.at[pl.ds(start, size), :], mask=key_ok[:, None], other=0.0)
         v = pl_triton.load(v_ref.at[pl.ds(start, size), :], mask=key_ok[:, None], other=0.0)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * scale
-        visible = mask(row_t[:, None], key_index[None, :], length, S) & key_ok[None, :]
         s = jnp.where(visible, s, NEG_INF)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_shift = jnp.where(m_new == NEG_INF, 0.0, m_new)  # rows with nothing visible yet
@@ -89,13 +93,17 @@ def _kernel(len_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, *refs, mask: CacheBl
 
     def cache_step(t, carry):
         slots = t * bk + jnp.arange(bk, dtype=jnp.int32)
-        return fold(carry, ck_ref, cv_ref, t * bk, bk, slots, slots < length)
+        key_ok = mask.cache(slots, length)
+        return fold(carry, ck_ref, cv_ref, t * bk, bk, key_ok, key_ok[None, :])
 
     def block_step(t, carry):
         u = t * bkn + jnp.arange(bkn, dtype=jnp.int32)
-        return fold(carry, kn_ref, vn_ref, t * bkn, bkn, S + u, u < T)
+        key_group = kg_ref[pl.ds(t * bkn, bkn)]  # padded to whole tiles: an unmasked load
+        visible = mask.block(u[None, :], key_group[None, :], row_group, row_reach)
+        return fold(carry, kn_ref, vn_ref, t * bkn, bkn, u < mask.block_len, visible)
 
-    carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), NEG_INF, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    carry = (jnp.zeros(q.shape, jnp.float32), jnp.full(row_group.shape[:1], NEG_INF, jnp.float32),
+             jnp.zeros(row_group.shape[:1], jnp.float32))
     carry = lax.fori_loop(lo, jnp.minimum(hi, n_cache), cache_step, carry)
     carry = lax.fori_loop(jnp.maximum(lo, n_cache) - n_cache, hi - n_cache, block_step, carry)
     acc, m, l = carry
@@ -111,12 +119,14 @@ def _num_splits(sizes: TritonBlockSizes, programs: int, max_tiles: int) -> int:
     return max(1, min(cdiv(sizes.target_programs, programs), max_tiles // 2))
 
 
-def block_attention_triton(q, k, v, cache_k, cache_v, cache_lengths, *, causal: bool,
+def block_attention_triton(q, k, v, cache_k, cache_v, cache_lengths, pattern: BlockPattern, *,
                            sizes: TritonBlockSizes | None = None, interpret=False, poison: bool = False):
-    """``nld_jax.attention`` semantics (see ``reference.block_attention_reference``)."""
+    """``block_attention_xla`` semantics: any :class:`BlockPattern`, per row."""
     from jax.experimental.pallas import triton as pl_triton  # deprecated backend: import on use
 
     B, T, H, K, Dh, S = check_block_attention_args(q, k, v, cache_k, cache_v, cache_lengths)
+    if pattern.shape != (B, T):
+        raise ValueError(f"pattern must be [B, T] = {(B, T)}, got {pattern.shape}")
     if not supported_triton(Dh):
         raise NotImplementedError(f"the Triton kernel needs a power-of-two head_dim >= 16, got {Dh}")
     sizes = sizes or TritonBlockSizes()
@@ -134,29 +144,31 @@ def block_attention_triton(q, k, v, cache_k, cache_v, cache_lengths, *, causal: 
     n_q = rows_padded // bq
     n_splits = _num_splits(sizes, B * K * n_q, cdiv(S, bk) + cdiv(T, bkn))
     q_rows = queries_as_rows(q, K, rows_padded)
+    mask = CacheBlockMask(T)
+    row_group, row_reach = mask.on_rows(pattern, G, rows_padded)
+    key_group = mask.on_keys(pattern, bkn)
 
     full = lambda length: pl.BlockSpec((None, length, None, Dh), lambda b, h, i, s: (b, 0, h, 0))
+    per_row_tile = lambda shape: pl.BlockSpec(shape, lambda b, h, i, s: (b, i))
     in_specs = [
         pl.BlockSpec((None,), lambda b, h, i, s: (b,)),
+        per_row_tile((None, None)),
         pl.BlockSpec((None, None, bq, Dh), lambda b, h, i, s: (b, h, i, 0)),
         full(S), full(S), full(T), full(T),
+        per_row_tile((None, bq)), per_row_tile((None, bq)),
+        pl.BlockSpec((None, key_group.shape[1]), lambda b, h, i, s: (b, 0)),
     ]
-    operands = [lengths, q_rows, cache_k.astype(k.dtype), cache_v.astype(v.dtype), k, v]
+    operands = [lengths, mask.block_tiles(pattern, G, bq, bkn), q_rows, cache_k.astype(k.dtype),
+                cache_v.astype(v.dtype), k, v, row_group, row_reach, key_group]
     part_shapes = [jax.ShapeDtypeStruct((B, K, n_splits, rows_padded, Dh), jnp.float32),
                    jax.ShapeDtypeStruct((B, K, n_splits, rows_padded), jnp.float32),
                    jax.ShapeDtypeStruct((B, K, n_splits, rows_padded), jnp.float32)]
     out_specs = [pl.BlockSpec((None, None, None, bq, Dh), lambda b, h, i, s: (b, h, s, i, 0)),
                  pl.BlockSpec((None, None, None, bq), lambda b, h, i, s: (b, h, s, i)),
                  pl.BlockSpec((None, None, None, bq), lambda b, h, i, s: (b, h, s, i))]
-    aliases = {}
-    if poison:
-        for n, shape in enumerate(part_shapes):
-            in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
-            operands.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
-            aliases[len(operands) - 1] = n
+    aliases = poison_outputs(part_shapes, in_specs, operands) if poison else {}
 
-    kernel = functools.partial(_kernel, mask=CacheBlockMask(causal), T=T, S=S, G=G, bq=bq, bk=bk, bkn=bkn,
-                               n_splits=n_splits, scale=1.0 / Dh ** 0.5)
+    kernel = functools.partial(_kernel, mask=mask, bk=bk, bkn=bkn, n_splits=n_splits, scale=1.0 / Dh ** 0.5)
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(B, K, n_q, n_splits),

@@ -16,6 +16,10 @@ one kind of call:
   a prefix of the drafts and each other) are other values of the same two arrays.
 
 Every query sees at least its own key, so no softmax row is ever empty.
+
+The kernels evaluate the same predicate tile by tile and skip block-key tiles from
+:meth:`BlockPattern.key_extent` (see ``mask.py``), so every pattern, whatever its rows, is one
+compiled kernel.
 """
 
 from __future__ import annotations
@@ -65,3 +69,15 @@ class BlockPattern:
         T = self.group.shape[1]
         u = jnp.arange(T, dtype=jnp.int32)[None, None, :]
         return (u < self.reach[:, :, None]) | (self.group[:, None, :] == self.group[:, :, None])
+
+    def key_extent(self) -> jax.Array:
+        """``[B, T]`` int32: 1 + the largest block key each query sees (>= t + 1, its own key).
+
+        Keys at or past it are invisible to that query: the bound the kernels skip block-key
+        tiles with. Derived from :meth:`visible` rather than a formula per pattern, so that a
+        structured pattern (a group spread over the block, a reach past the query) is bounded
+        exactly too; the ``[B, T, T]`` compare is what the XLA path builds anyway.
+        """
+        T = self.group.shape[1]
+        u = jnp.arange(1, T + 1, dtype=jnp.int32)
+        return jnp.max(jnp.where(self.visible(), u, 0), axis=-1)

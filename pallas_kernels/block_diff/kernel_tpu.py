@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import NEG_INF, idiv, irem, matmul_precision
+from pallas_kernels._common import NEG_INF, idiv, irem, matmul_precision, poison_outputs
 from pallas_kernels.block_attention.kernel_tpu import _online_softmax_step
 from pallas_kernels.block_diff.mask import BlockDiffMask
 from pallas_kernels.block_sparse import EMPTY, FULL
@@ -121,12 +121,7 @@ def block_diff_forward_tpu(q, k, v, mask: BlockDiffMask, sizes=None, interpret=F
                 pl.BlockSpec((None, bk, Dh), kv_map)]
     operands = [jnp.asarray(kv_index.reshape(-1)), jnp.asarray(kv_kind.reshape(-1)),
                 q.reshape(B, n, H * Dh), k.reshape(B, n, K * Dh), v.reshape(B, n, K * Dh)]
-    aliases = {}
-    if poison:
-        for idx, shape in enumerate(out_shapes):
-            in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
-            operands.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
-            aliases[len(operands) - 1] = idx
+    aliases = poison_outputs(out_shapes, in_specs, operands) if poison else {}
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, mask=mask, steps=steps, bq=bq, bk=bk, n=n, scale=1.0 / Dh ** 0.5),
         grid_spec=pltpu.PrefetchScalarGridSpec(

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import NEG_INF, idiv, irem, matmul_precision, next_pow2
+from pallas_kernels._common import NEG_INF, idiv, irem, matmul_precision, next_pow2, poison_outputs
 from pallas_kernels.block_diff.mask import BlockDiffMask
 from pallas_kernels.block_sparse import FULL
 
@@ -131,12 +131,7 @@ def block_diff_forward_triton(q, k, v, mask: BlockDiffMask, sizes=None, interpre
                 pl.BlockSpec((None, n, None, Dh), lambda b, h, i: (b, 0, idiv(h, G), 0))]
     operands = [jnp.asarray(kv_index), jnp.asarray(kv_kind), jnp.asarray(kv_count), q, k, v]
     out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, n), jnp.float32)]
-    aliases = {}
-    if poison:
-        for idx, shape in enumerate(out_shapes):
-            in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
-            operands.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
-            aliases[len(operands) - 1] = idx
+    aliases = poison_outputs(out_shapes, in_specs, operands) if poison else {}
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, mask=mask, bq=bq, bk=bk, n=n, scale=1.0 / Dh ** 0.5),
         grid=(B, H, nq),

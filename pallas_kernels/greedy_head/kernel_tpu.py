@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import NEG_INF, cdiv, matmul_precision, round_up
+from pallas_kernels._common import NEG_INF, cdiv, matmul_precision, poison_outputs, round_up
 
 __all__ = ["TpuHeadSizes", "greedy_head_tpu", "merge_head_partials", "check_head_args"]
 
@@ -118,13 +118,7 @@ def greedy_head_tpu(hidden, weight, *, sizes: TpuHeadSizes | None = None, interp
     part_shapes = [jax.ShapeDtypeStruct((splits, rows_padded, 1), dt) for dt in (jnp.float32, jnp.int32, jnp.float32)]
     in_specs = [pl.BlockSpec((bn, D), lambda i, s, t: (i, 0)), pl.BlockSpec((D, bv), w_map)]
     operands = [h, weight]
-    aliases = {}
-    if poison:
-        for n, shape in enumerate(part_shapes):
-            in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
-            fill = jnp.nan if jnp.issubdtype(shape.dtype, jnp.floating) else -1
-            operands.append(jnp.full(shape.shape, fill, shape.dtype))
-            aliases[len(operands) - 1] = n
+    aliases = poison_outputs(part_shapes, in_specs, operands) if poison else {}
 
     best, arg, total = pl.pallas_call(
         functools.partial(_kernel, V=V, bv=bv, per_split=per_split, n_tiles=n_tiles),

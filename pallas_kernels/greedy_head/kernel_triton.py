@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import NEG_INF, cdiv, matmul_precision, next_pow2, round_up
+from pallas_kernels._common import NEG_INF, cdiv, matmul_precision, next_pow2, poison_outputs, round_up
 from pallas_kernels.greedy_head.kernel_tpu import check_head_args, merge_head_partials
 
 __all__ = ["TritonHeadSizes", "greedy_head_triton", "supported_triton_head"]
@@ -120,13 +120,7 @@ def greedy_head_triton(hidden, weight, *, sizes: TritonHeadSizes | None = None, 
     # through L2 instead of each streaming it from HBM.
     in_specs = [pl.BlockSpec((bn, D), lambda i, s: (i, 0)), pl.BlockSpec((D, V), lambda i, s: (0, 0))]
     operands = [h, weight]
-    aliases = {}
-    if poison:
-        for n, shape in enumerate(part_shapes):
-            in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
-            fill = jnp.nan if jnp.issubdtype(shape.dtype, jnp.floating) else -1
-            operands.append(jnp.full(shape.shape, fill, shape.dtype))
-            aliases[len(operands) - 1] = n
+    aliases = poison_outputs(part_shapes, in_specs, operands) if poison else {}
 
     best, arg, total = pl.pallas_call(
         functools.partial(_kernel, V=V, D=D, bv=bv, bd=bd, per_split=per_split, n_tiles=n_tiles),

@@ -1,0 +1,93 @@
+"""Contracts of the user-facing layer that a review of the whole house found broken (each test
+fails on the code before the fix): prompt shapes, per-generation streaming, the KV-cache bound,
+the context check. The sharding ones (programs keyed by shardings, logit entry points that
+recompiled on every call, the train step's activation constraints) are in test_sharding.py and
+test_training_sharded.py.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nld_jax
+from nld_jax.decode import DecodeInputs, DecodeOptions, cache_size_for, decode
+from nld_jax.kv_cache import KVCache
+
+
+@pytest.mark.parametrize("make", [np.asarray, jnp.asarray, lambda ids: [np.int64(t) for t in ids],
+                                  lambda ids: np.asarray(ids, np.int32)],
+                         ids=["numpy-1d", "jax-1d", "list-of-numpy-ints", "numpy-int32"])
+def test_a_one_dimensional_prompt_is_one_prompt(tiny, cases, make):
+    """Bug: a 1-D array (or a list of numpy ints) became one single-token prompt per id, and a
+    1-D jax array was refused."""
+    ids = cases["prompts"]["batch"]["ids"][0][:12]
+    want = nld_jax.generate(tiny, [ids], mode="ar", max_new_tokens=6)
+    got = nld_jax.generate(tiny, make(ids), mode="ar", max_new_tokens=6)
+    assert got.tokens == want.tokens and len(got.tokens) == 1
+    batch = nld_jax.generate(tiny, np.asarray([ids, ids]), mode="ar", max_new_tokens=6)
+    assert batch.tokens == want.tokens * 2  # a 2-D array is a batch
+
+
+def test_concurrent_streams_get_their_own_tokens(tiny, cases):
+    """Bug: the streaming listener was process-global, so two generations in two threads got each
+    other's tokens. Each stream must deliver exactly its own result."""
+    prompts = [cases["prompts"]["batch"]["ids"][0][:20], cases["prompts"]["batch"]["ids"][1][:11]]
+    nld_jax.generate(tiny, [prompts[0]], mode="ar", max_new_tokens=24, on_tokens=lambda r, t: None)  # compile
+    streams: list[list[int]] = [[], []]
+    results = [None, None]
+    barrier = threading.Barrier(2)
+
+    def run(i):
+        barrier.wait()
+        results[i] = nld_jax.generate(tiny, [prompts[i]], mode="ar", max_new_tokens=24,
+                                      on_tokens=lambda row, new: streams[i].extend(new))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(r is not None for r in results)
+    assert results[0].tokens[0] != results[1].tokens[0]  # the two generations differ: a mix-up would show
+    for i in range(2):
+        assert streams[i] == results[i].tokens[0], i
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion"])
+def test_finished_rows_never_write_the_cache(tiny, cases, mode):
+    """Bug: rows that had finished kept writing their block's K/V at their length, past the slots
+    ``cache_size_for`` provides (a clamped write that only did no harm because the cache was
+    thrown away). A finished row's cache past its length must stay as it was (zeros here)."""
+    # The EOS batch: in AR row 0 meets EOS after 25 tokens; in diffusion (blocks of 16) row 1
+    # after two blocks while row 0 runs a third.
+    prompts = np.asarray(cases["prompts"]["eos_batch"]["ids"], np.int32)
+    B, P = prompts.shape
+    options = DecodeOptions(mode=mode, max_new_tokens=48, block_length=16, use_threshold=mode == "diffusion")
+    cache = KVCache.empty(tiny.config, B, cache_size_for(P, options))
+    inputs = DecodeInputs(tokens=jnp.asarray(prompts), lengths=jnp.full((B,), P, jnp.int32),
+                          temperature=jnp.zeros((B,)), threshold=jnp.full((B,), 0.9), key=jax.random.PRNGKey(0))
+    run = jax.jit(decode, static_argnames=("config", "options", "runtime"))
+    out, cache = run(tiny.params, None, cache, inputs, config=tiny.config, options=options)
+    n, lengths = np.asarray(out.num_tokens), np.asarray(cache.lengths)
+    assert n.min() < 48 and lengths.min() < lengths.max()  # one row finished while the other decoded on
+    for b in range(B):
+        assert not np.asarray(cache.k[:, b, lengths[b]:]).any(), f"row {b} wrote past its length"
+        assert not np.asarray(cache.v[:, b, lengths[b]:]).any(), f"row {b} wrote past its length"
+
+
+def test_context_check_counts_the_block_overshoot(tiny):
+    """Bug: the context check ignored that spec (and diffusion's last block) may run block_length
+    - 1 positions past prompt + max_new_tokens."""
+    limit, block, new = tiny.config.max_position_embeddings, 8, 16
+    fits = [1] * (limit - new - (block - 1))
+    nld_jax.generate(tiny, [fits], mode="spec", max_new_tokens=new, block_length=block)
+    too_long = [1] * (limit - new - 3)  # prompt + max_new_tokens fit; the overshoot does not
+    nld_jax.generate(tiny, [too_long], mode="ar", max_new_tokens=new)
+    for mode in ("spec", "diffusion"):
+        with pytest.raises(ValueError, match="block may run past the budget"):
+            nld_jax.generate(tiny, [too_long], mode=mode, max_new_tokens=new, block_length=block)
