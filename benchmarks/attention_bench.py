@@ -4,11 +4,14 @@
     python benchmarks/attention_bench.py --quick    # 8k prefix only
     python benchmarks/attention_bench.py --e2e      # also per-forward AR / verify / diffusion steps
 
-Attention: H=32, K=8, Dh=128, bf16; cached prefix 1k / 8k / 32k; block C in {8, 32}; batch 1
-and 8; three patterns: ``diffusion`` (bidirectional within the block, cache read-only),
-``verify`` (causal) and ``mixed`` (rows alternately causal and bidirectional, as in one batched
-decode step of rows in different phases; the Mosaic GPU kernel takes uniform batches only and
-shows n/a there). Baselines get the prefix and the block as one contiguous K/V (concatenated
+Attention: H=32, K=8, Dh=128, bf16; cached prefix 1k / 8k / 32k; batch 1 and 8; four patterns:
+``diffusion`` (bidirectional within the block, cache read-only), ``verify`` (causal) and
+``mixed`` (rows alternately causal and bidirectional, as in one batched decode step of rows in
+different phases), each for block C in {8, 32}; and ``quadratic`` (quadratic self-speculation's
+block of C + C*C queries for C in {8, 16}: causal seed and drafts, then C groups of C masks,
+group j seeing keys 0..j and itself), where the TPU and Triton kernels visit only the block-key
+tiles holding a visible key. The Mosaic GPU kernel takes uniform batches only and shows n/a for
+``mixed`` and ``quadratic``. Baselines get the prefix and the block as one contiguous K/V (concatenated
 outside the timed region, which favours them) and an explicit boolean mask, as a cache with
 per-row lengths needs. The floor is the bytes that must cross HBM (K/V of prefix + block, q
 and the output) over the datasheet bandwidth.
@@ -92,15 +95,15 @@ def _try_time(fn, first, sets, reps):
         return f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:60]})"
 
 
-def _attention_sets(B, prefix, C, n_sets, seed=0):
-    """Per set: the cache as the kernels see it (slots = prefix + C, lengths = prefix) and the
+def _attention_sets(B, prefix, T, n_sets, seed=0):
+    """Per set: the cache as the kernels see it (slots = prefix + T, lengths = prefix) and the
     same keys contiguous for the baselines."""
     sets = []
     for i in range(n_sets):
         ks = jax.random.split(jax.random.key(seed + i), 4)
         rnd = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(DTYPE)
-        ck, cv = rnd(ks[0], (B, prefix + C, K, DH)), rnd(ks[1], (B, prefix + C, K, DH))
-        k, v = rnd(ks[2], (B, C, K, DH)), rnd(ks[3], (B, C, K, DH))
+        ck, cv = rnd(ks[0], (B, prefix + T, K, DH)), rnd(ks[1], (B, prefix + T, K, DH))
+        k, v = rnd(ks[2], (B, T, K, DH)), rnd(ks[3], (B, T, K, DH))
         lengths = jnp.full((B,), prefix, jnp.int32)
         full_k = jnp.concatenate([ck[:, :prefix], k], axis=1)
         full_v = jnp.concatenate([cv[:, :prefix], v], axis=1)
@@ -109,18 +112,20 @@ def _attention_sets(B, prefix, C, n_sets, seed=0):
 
 
 def _pattern(mode, B, C):
-    """``(pattern, uniform)`` of a benchmark mode."""
+    """``(pattern, uniform)`` of a benchmark mode (``quadratic``: block length C, C + C*C queries)."""
     from pallas_kernels.block_attention import BlockPattern
 
+    if mode == "quadratic":
+        return BlockPattern.quadratic(B, C), None
     if mode == "mixed":
         return BlockPattern.per_row(jnp.arange(B) % 2 == 0, C), None
     return (BlockPattern.causal(B, C), "causal") if mode == "causal" else (BlockPattern.bidirectional(B, C), mode)
 
 
 def _dense_mask(pattern, prefix):
-    """``[B, 1, C, prefix + C]``: the whole prefix, then the block as ``pattern`` says."""
-    B, C = pattern.shape
-    return jnp.concatenate([jnp.ones((B, C, prefix), bool), pattern.visible()], axis=-1)[:, None]
+    """``[B, 1, T, prefix + T]``: the whole prefix, then the block as ``pattern`` says."""
+    B, T = pattern.shape
+    return jnp.concatenate([jnp.ones((B, T, prefix), bool), pattern.visible()], axis=-1)[:, None]
 
 
 def attention_table(args, bandwidth, impls) -> list[Row]:
@@ -128,13 +133,17 @@ def attention_table(args, bandwidth, impls) -> list[Row]:
 
     rows = []
     prefixes = (8192,) if args.quick else args.prefixes
-    labels = {"bidirectional": "diffusion(bidir)", "causal": "verify(causal)", "mixed": "mixed rows"}
-    for mode, B, prefix, C in itertools.product(labels, args.batches, prefixes, args.blocks):
-        kv_bytes = 2 * B * (prefix + C) * K * DH * 2
+    labels = {"bidirectional": "diffusion(bidir)", "causal": "verify(causal)", "mixed": "mixed rows",
+              "quadratic": "quadratic"}
+    shapes = [(mode, B, prefix, C) for mode, B, prefix in itertools.product(labels, args.batches, prefixes)
+              for C in (args.quad_blocks if mode == "quadratic" else args.blocks)]
+    for mode, B, prefix, C in shapes:
+        T = C * (C + 1) if mode == "quadratic" else C  # queries (and block keys) per row
+        kv_bytes = 2 * B * (prefix + T) * K * DH * 2
         n_sets = int(min(args.max_calls, max(2, -(-4 * L2_BYTES // kv_bytes))))
-        data = _attention_sets(B, prefix, C, n_sets)
-        q0 = jax.random.normal(jax.random.key(99), (B, C, H, DH), jnp.float32).astype(DTYPE)
-        floor_bytes = kv_bytes + 2 * B * C * H * DH * 2
+        data = _attention_sets(B, prefix, T, n_sets)
+        q0 = jax.random.normal(jax.random.key(99), (B, T, H, DH), jnp.float32).astype(DTYPE)
+        floor_bytes = kv_bytes + 2 * B * T * H * DH * 2
         pattern, uniform = _pattern(mode, B, C)
         times = {}
         for impl in impls:
@@ -146,7 +155,8 @@ def attention_table(args, bandwidth, impls) -> list[Row]:
         for base in () if args.no_baselines else baselines:
             fn = lambda q, fk, fv, base=base: jax.nn.dot_product_attention(q, fk, fv, mask=mask, implementation=base)
             times[f"dpa_{base}"] = _try_time(fn, q0, [d[1] for d in data], args.reps)
-        rows.append(Row(f"{labels[mode]:16s} B={B} S={prefix:5d} C={C:2d}", floor_bytes / bandwidth * 1e6, times))
+        rows.append(Row(f"{labels[mode]:16s} B={B} S={prefix:5d} C={C:2d}" + (f" T={T}" if T != C else ""),
+                        floor_bytes / bandwidth * 1e6, times))
         print(_format_row(rows[-1], list(times)), flush=True)
     return rows
 
@@ -247,6 +257,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prefixes", type=ints, default=(1024, 8192, 32768), help="cached prefix lengths")
     parser.add_argument("--batches", type=ints, default=(1, 8), help="batch sizes")
     parser.add_argument("--blocks", type=ints, default=(8, 32), help="query block sizes C")
+    parser.add_argument("--quad-blocks", type=ints, default=(8, 16),
+                        help="block lengths C of the quadratic rows (C + C*C queries each)")
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions (median)")
     parser.add_argument("--max-calls", type=int, default=8, help="chained calls (input sets) per program")
     parser.add_argument("--impls", default=None, help="comma-separated kernel implementations (default: the backend's)")

@@ -10,7 +10,9 @@ with an index, plus an fp32 draft LoRA of rank 128, then measures in one run:
   files: throughput ratio, target >= 1/3 of cp;
 * the converter's peak RSS (``VmHWM`` of its process image), target <= 2 GiB + largest tensor,
   independent of the number of layers; the same for ``--reverse``;
-* load time of the Orbax result with ``nld_jax.load`` (and of the HF source, for reference).
+* load time of the Orbax result with ``nld_jax.load`` (and of the HF source, for reference);
+* with ``--finite-check-cost``: convert and reverse once more per round through the API with
+  ``check_finite=False``, so the cost of the NaN/Inf check is measured in the same run.
 
 Dirty pages are flushed (``sync``) before each timed step, so no step pays for another's writes,
 and cp / a plain write() of the same bytes / convert / reverse alternate ``--repeat`` times
@@ -58,6 +60,16 @@ print(f"PEAK_RSS_KIB {hwm}")
 sys.exit(rc)
 """
 
+# The same conversions through the API without the NaN/Inf check (argv: SRC DST forward|reverse).
+_UNCHECKED_SNIPPET = """
+import sys
+from checkpoints_convert import convert_hf_to_orbax, convert_orbax_to_hf
+convert = convert_orbax_to_hf if sys.argv[3] == "reverse" else convert_hf_to_orbax
+print(convert(sys.argv[1], sys.argv[2], progress=False, check_finite=False).summary())
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1]
+print(f"PEAK_RSS_KIB {hwm}")
+"""
+
 # The floor for any user-space writer on this host: write() the same number of bytes from one
 # reused 8 MiB buffer (no reading, no transposing, no hashing).
 _WRITE_FLOOR_SNIPPET = """
@@ -94,8 +106,9 @@ def run_child(args: list[str]) -> tuple[Run, str]:
     return Run(wall, usage.ru_utime + usage.ru_stime), out
 
 
-def converter(*args: str) -> Run:
-    run, out = run_child([sys.executable, "-c", _CONVERT_SNIPPET, *args, "--no-progress"])
+def converter(*args: str, snippet: str = _CONVERT_SNIPPET) -> Run:
+    cli_only = ["--no-progress"] if snippet == _CONVERT_SNIPPET else []
+    run, out = run_child([sys.executable, "-c", snippet, *args, *cli_only])
     run.rss_mib = int(out.split("PEAK_RSS_KIB")[1].split()[0]) / 1024
     run.work = float(out.split(" read in ")[1].split()[0])
     return run
@@ -126,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=str(ROOT / "bench_out" / "convert"))
     p.add_argument("--repeat", type=int, default=3, help="alternating cp / convert / reverse runs")
     p.add_argument("--keep", action="store_true", help="keep the files afterwards")
+    p.add_argument("--finite-check-cost", action="store_true",
+                   help="also convert and reverse without the NaN/Inf check (API, check_finite=False)")
     args = p.parse_args(argv)
 
     from nld_jax.config import PRESETS
@@ -149,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     # several times faster than into pages never touched, so every step must get the same kind
     # (the first round, on untouched pages, is slow for all). Other jobs share the cores too.
     runs: dict[str, list[Run]] = {"cp": [], "floor": [], "convert": [], "reverse": []}
+    if args.finite_check_cost:
+        runs.update({"convert-unchecked": [], "reverse-unchecked": []})
     floor_file = work / "write-floor.bin"
 
     def fresh(path: pathlib.Path) -> str:
@@ -162,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
                                         str(info["bytes"])])[0])
         runs["convert"].append(converter(str(src), fresh(orbax_dir)))
         runs["reverse"].append(converter(str(orbax_dir), fresh(back), "--reverse"))
+        if args.finite_check_cost:
+            unchecked = work / "unchecked"
+            runs["convert-unchecked"].append(converter(str(src), fresh(unchecked), "forward",
+                                                       snippet=_UNCHECKED_SNIPPET))
+            runs["reverse-unchecked"].append(converter(str(orbax_dir), fresh(unchecked), "reverse",
+                                                       snippet=_UNCHECKED_SNIPPET))
     _, out = run_child([sys.executable, "-c", _LOAD_SNIPPET, str(orbax_dir)])
     t_load = float(out.split("LOAD_SECONDS")[1].split()[0])
     rss_load = int(out.split("PEAK_RSS_KIB")[1].split()[0]) / 1024
@@ -178,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         walls = ", ".join(f"{r.wall:.2f}" for r in runs[name])
         extra = f"  (without start-up {m.work:.2f} s)" if name in ("convert", "reverse") else ""
         print(f"  {label:14s} {m.wall:6.2f} s  {gib / m.wall:5.2f} GiB/s  cpu {m.cpu:5.2f} s  [{walls}]{extra}")
+    for name in ("convert", "reverse") if args.finite_check_cost else ():
+        m, u = med[name], med[f"{name}-unchecked"]
+        walls = ", ".join(f"{r.wall:.2f}" for r in runs[f"{name}-unchecked"])
+        print(f"  {name + ' unchk':14s} {u.wall:6.2f} s  {gib / u.wall:5.2f} GiB/s  cpu {u.cpu:5.2f} s  [{walls}]  "
+              f"(without start-up {u.work:.2f} s)")
+        print(f"  NaN/Inf check costs {name}: wall x{m.wall / u.wall:.3f}, without start-up x{m.work / u.work:.3f}, "
+              f"cpu x{m.cpu / u.cpu:.3f}")
     ratio = med["cp"].wall / med["convert"].wall
     print(f"convert throughput = {ratio:.2f} x cp (target >= 0.33: {'PASS' if ratio >= 1 / 3 else 'FAIL'}); "
           f"best runs: {min(r.wall for r in runs['cp']) / min(r.wall for r in runs['convert']):.2f} x")

@@ -6,18 +6,30 @@ that time divided by the floor = weight bytes / measured read bandwidth (a forwa
 every weight once). A forward over a block of C tokens also does ~2 * C * (matmul weights) FLOPs;
 the ``x compute`` column divides the forward time by the larger of the two floors (that FLOP
 count at the matmul throughput measured here on the LM head's shape, or the bandwidth floor);
-the compute floor is the one that binds on a CPU at C=32. Random weights make diffusion unmask ~1 token per step and speculation accept
-~1 token per iteration, so TPF is ~1 (diffusion) and ~0.5 (spec); the per-forward column is the
-one that shows kernel efficiency.
+the compute floor is the one that binds on a CPU at C=32. Random weights make diffusion unmask
+~1 token per step and speculation accept ~1 token per iteration, so TPF is ~1 (diffusion) and
+~0.5 (spec); the per-forward column is the one that shows kernel efficiency.
+
+tokens/s and ms per forward depend on the machine's load; the floors are measured in the same
+run, so the ratios are what to compare between runs (they move under load too, less). Progress
+goes to stderr as it runs (a line per mode); the table goes to stdout.
+
+``--quantize int8`` adds the same random model with int8 weights (float32 compute, or
+``--quant-dtype``) beside float32 and bfloat16, side by side in one run: each variant's floor is
+its own weight bytes (int8 + float32 scales), and ``x f32`` is its tokens/s over float32's in the
+same mode and batch. The bytes one forward reads are every weight but the embedding table (a
+forward gathers a few of its rows).
 
     python benchmarks/decode_bench.py                 # ~110M, batch 1 and 8
     python benchmarks/decode_bench.py --size 60m --batch 1
+    python benchmarks/decode_bench.py --size 60m --quantize int8   # float32, bfloat16, int8
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import jax
@@ -26,7 +38,7 @@ import numpy as np
 
 import nld_jax
 from nld_jax.config import NLDConfig, RopeConfig
-from nld_jax.params import param_bytes
+from nld_jax.params import flatten_tree, param_bytes
 
 SIZES = {
     "60m": dict(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
@@ -74,18 +86,43 @@ def forwards_of(mode: str, out) -> int:
     return max(n + (1 if mode == "diffusion" else 0) for n in out.nfe)
 
 
+def progress(message: str) -> None:
+    """On stderr, flushed: the table on stdout stays clean, and a run of minutes shows it is alive."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def run(model, mode, batch, prompt_len, new_tokens, repeats, threshold):
     rng = np.random.default_rng(0)
     prompts = rng.integers(5, model.config.vocab_size, size=(batch, prompt_len)).tolist()
     kw = dict(mode=mode, max_new_tokens=new_tokens, block_length=model.config.block_size,
               threshold=threshold if mode == "diffusion" else None)
-    nld_jax.generate(model, prompts, **kw)  # compile
+    start = time.perf_counter()
+    first = nld_jax.generate(model, prompts, **kw)  # compile
+    progress(f"{mode} batch {batch}: compiled in {first.compile_seconds:.1f} s, warm-up run {first.seconds:.1f} s; "
+             f"{repeats} timed runs...")
     results = [nld_jax.generate(model, prompts, **kw) for _ in range(repeats)]
+    progress(f"{mode} batch {batch}: done in {time.perf_counter() - start:.1f} s")
     best = min(results, key=lambda r: r.seconds)
     tokens = sum(len(t) for t in best.tokens)
     forwards = forwards_of(mode, best)
     return dict(tok_s=tokens / best.seconds, tpf=statistics.mean(best.tpf), forward_ms=1e3 * best.seconds / forwards,
                 seconds=best.seconds, forwards=forwards, tokens=tokens)
+
+
+def read_bytes(params) -> int:
+    """Bytes one forward reads: every weight but the embedding table (only a few rows are gathered)."""
+    flat = flatten_tree(params)
+    return param_bytes({k: v for k, v in flat.items() if k != "embed_tokens"})
+
+
+def variants(args) -> list[tuple[str, str, str | None]]:
+    """``(label, compute dtype, quantization)`` of each model measured, side by side."""
+    dtypes = args.dtype or (["float32", "bfloat16"] if args.quantize else ["float32"])
+    out = [(dt, dt, None) for dt in dtypes]
+    if args.quantize:
+        out.append((args.quantize if args.quant_dtype == "float32" else f"{args.quantize}/{args.quant_dtype}",
+                    args.quant_dtype, args.quantize))
+    return out
 
 
 def main(argv=None):
@@ -96,32 +133,59 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=None,
+                   help="unquantized variants (default: float32; float32 and bfloat16 with --quantize)")
+    p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
+                   help="add the same model with quantized weights")
+    p.add_argument("--quant-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of the quantized variant (default float32: XLA:CPU's bf16 dots are slow)")
+    p.add_argument("--modes", nargs="+", choices=["ar", "diffusion", "spec"], default=["ar", "diffusion", "spec"])
     args = p.parse_args(argv)
 
     config = bench_config(args.size)
-    model = nld_jax.random_model(config, seed=0, dtype=args.dtype)
-    wbytes = param_bytes(model.params)
-    bw = read_bandwidth(wbytes)
-    floor_ms = 1e3 * wbytes / bw
+    modes = tuple(args.modes)
+    runs = variants(args)
+    progress(f"decode_bench: {args.size} ({config.num_params() / 1e6:.1f}M params; {', '.join(r[0] for r in runs)}), "
+             f"modes {', '.join(modes)} at batch {', '.join(map(str, args.batch))}: "
+             f"{len(runs) * len(modes) * len(args.batch)} runs of 1 compile + 1 warm-up + {args.repeats} timed "
+             f"generations (prompt {args.prompt_len}, {args.new_tokens} new tokens); each takes seconds to minutes")
+    base = nld_jax.random_model(config, seed=0, dtype="float32")
+    models = {}
+    for label, dt, scheme in runs:
+        model = nld_jax.random_model(config, seed=0, dtype=dt) if dt != "float32" else base
+        models[label] = nld_jax.quantize(model, scheme) if scheme else model
+    progress("measuring the read bandwidth (the weight-bandwidth floor)...")
+    bw = read_bandwidth(read_bytes(base.params))
+    floors = {label: 1e3 * read_bytes(m.params) / bw for label, m in models.items()}
     print(f"backend={jax.default_backend()} devices={jax.device_count()} params={config.num_params() / 1e6:.1f}M "
-          f"weights={wbytes / 2**20:.0f} MiB ({args.dtype}) read bandwidth={bw / 1e9:.1f} GB/s "
-          f"-> floor {floor_ms:.2f} ms per forward")
+          f"read bandwidth={bw / 1e9:.1f} GB/s; bytes read per forward (all weights but the embedding) and floor:",
+          flush=True)
+    for label, m in models.items():
+        print(f"  {label:<14} {read_bytes(m.params) / 2**20:7.1f} MiB -> floor {floors[label]:.2f} ms per forward",
+              flush=True)
+    print("tokens/s and fwd ms depend on this machine's load (shared: compare only within one run); x floor, "
+          "x compute and x f32 divide by references measured in this run", flush=True)
     # Weights used by matmuls (the embedding is a gather); the head is one of them.
     matmul_params = config.num_params() - config.vocab_size * config.hidden_size
-    print(f"{'mode':<10}{'batch':>6}{'tok/s':>10}{'TPF':>7}{'fwd ms':>9}{'x floor':>9}{'x compute':>10}"
-          f"{'forwards':>10}")
-    flops_per_second = {}  # by rows per forward (diffusion and spec share theirs)
+    print(f"{'weights':<14}{'mode':<10}{'batch':>6}{'tok/s':>10}{'TPF':>7}{'fwd ms':>9}{'x floor':>9}"
+          f"{'x compute':>10}{'x f32':>7}{'forwards':>10}", flush=True)
+    flops_per_second = {}  # by (rows per forward, dtype): diffusion and spec share theirs
+    reference = {}
     for batch in args.batch:
-        for mode in ("ar", "diffusion", "spec"):
-            r = run(model, mode, batch, args.prompt_len, args.new_tokens, args.repeats, args.threshold)
-            rows = batch * (1 if mode == "ar" else config.block_size)  # tokens through one decode forward
-            if rows not in flops_per_second:
-                flops_per_second[rows] = matmul_flops_per_second(config, rows, jnp.dtype(args.dtype))
-            compute_ms = 1e3 * 2.0 * rows * matmul_params / flops_per_second[rows]
-            print(f"{mode:<10}{batch:>6}{r['tok_s']:>10.1f}{r['tpf']:>7.2f}{r['forward_ms']:>9.2f}"
-                  f"{r['forward_ms'] / floor_ms:>9.2f}{r['forward_ms'] / max(floor_ms, compute_ms):>10.2f}"
-                  f"{r['forwards']:>10}")
+        for mode in modes:
+            for label, dt, _ in runs:
+                progress(f"{label} {mode} batch {batch}: compiling...")
+                r = run(models[label], mode, batch, args.prompt_len, args.new_tokens, args.repeats, args.threshold)
+                rows = batch * (1 if mode == "ar" else config.block_size)  # tokens through one decode forward
+                if (rows, dt) not in flops_per_second:
+                    flops_per_second[rows, dt] = matmul_flops_per_second(config, rows, jnp.dtype(dt))
+                compute_ms = 1e3 * 2.0 * rows * matmul_params / flops_per_second[rows, dt]
+                reference.setdefault((mode, batch), r["tok_s"] if label == runs[0][0] else None)
+                ref = reference[mode, batch]
+                print(f"{label:<14}{mode:<10}{batch:>6}{r['tok_s']:>10.1f}{r['tpf']:>7.2f}{r['forward_ms']:>9.2f}"
+                      f"{r['forward_ms'] / floors[label]:>9.2f}"
+                      f"{r['forward_ms'] / max(floors[label], compute_ms):>10.2f}"
+                      f"{(r['tok_s'] / ref if ref else float('nan')):>7.2f}{r['forwards']:>10}", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nld-convert",
         description="Convert an NVIDIA Nemotron-Labs-Diffusion checkpoint (HF safetensors) into an Orbax "
                     "checkpoint that nld_jax.load reads, or back with --reverse.")
-    p.add_argument("src", help="source directory: HF checkpoint (or a converted one with --reverse)")
-    p.add_argument("dst", help="destination directory (must not exist unless --overwrite)")
+    p.add_argument("src", metavar="SRC",
+                   help="the checkpoint directory to convert, the one with config.json (what nld-generate "
+                        "--checkpoint takes): NVIDIA's HF safetensors format, or with --reverse a converted one")
+    p.add_argument("dst", metavar="DST", help="the directory to write (must not exist unless --overwrite)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="dtype of the base weights (default: keep the source's, bf16 for NVIDIA's checkpoints)")
+    p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
+                   help="store every matmul weight and the embedding quantized, one float32 scale per output "
+                        "channel (int8 for every backend; fp8 = e4m3, for GPUs/TPUs that have it); the norms keep "
+                        "--dtype, the draft LoRA stays float32 (default: not quantized)")
     p.add_argument("--no-lora", action="store_true", help="leave out the draft LoRA (linear_spec_lora/)")
     p.add_argument("--verify", action="store_true",
                    help="compare logits of source and result on a fixed prompt before publishing the result")
@@ -46,12 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported here so that --help answers without loading JAX.
-    from nld_jax.checkpoint.hf import CheckpointError
-    from nld_jax.config import ConfigError
-
+    from checkpoints_convert.atomic_output import DestinationExistsError
     from checkpoints_convert.to_hf import DEFAULT_MAX_SHARD_BYTES, convert_orbax_to_hf
     from checkpoints_convert.to_orbax import convert_hf_to_orbax
     from checkpoints_convert.verify import VerificationError
@@ -60,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                   progress=not args.no_progress)
     try:
         if args.reverse:
+            if args.quantize:
+                raise ValueError("--quantize applies to the forward conversion (safetensors -> Orbax) only")
             report = convert_orbax_to_hf(args.src, args.dst, max_shard_bytes=args.max_shard_size
                                          or DEFAULT_MAX_SHARD_BYTES, **common)
         else:
@@ -67,9 +77,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--max-shard-size applies to --reverse only")
             if not 0 < args.chunk_mib <= 2048:
                 raise ValueError(f"--chunk-mib must be in (0, 2048], got {args.chunk_mib}")
-            report = convert_hf_to_orbax(args.src, args.dst, chunk_bytes=int(args.chunk_mib * 2**20), **common)
-    except (CheckpointError, ConfigError, VerificationError, ValueError, OSError) as e:
-        print(f"nld-convert: error: {e}", file=sys.stderr)
+            report = convert_hf_to_orbax(args.src, args.dst, chunk_bytes=int(args.chunk_mib * 2**20),
+                                         quantize=args.quantize, **common)
+    except DestinationExistsError as e:
+        print(f"nld-convert: error: {e.path} already exists; pass --overwrite to replace it", file=sys.stderr)
+        return 1
+    # CheckpointError, ConfigError, SafetensorsError and NonFiniteError are ValueErrors;
+    # FileNotFoundError, NotADirectoryError and PermissionError are OSErrors.
+    except (ValueError, OSError, VerificationError) as e:
+        print(f"nld-convert: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("nld-convert: interrupted; nothing was written", file=sys.stderr)

@@ -1,69 +1,69 @@
 """An NVIDIA HF checkpoint directory as a conversion source: safetensors only, never pickle.
 
-Directory discovery and most validation are :class:`nld_jax.checkpoint.hf.HFCheckpoint`'s
-(index consistency, a tensor in two shards, pickle-only directories). On top of it this module
-checks what ``json.load`` would hide (a name twice in an index or in one file's header) and reads
-tensors so that resident memory never holds more than the current one: each read maps the file,
-and the mapping is dropped when the tensor is done.
+Every file the converter opens in a source goes through the library's one rule,
+:class:`nld_jax.checkpoint.files.CheckpointFiles`: a plain name inside the directory (an index
+naming ``../x`` or ``/etc/passwd`` is refused), symlinks followed only within the directory or
+into the same hub cache repository's ``blobs/``, regular files only (a FIFO would block the
+reader forever), checked with ``stat`` before anything is opened. The safetensors sets are
+:class:`nld_jax.checkpoint.hf.HFCheckpoint`'s, given those files (it validates the index, the
+headers, a tensor in two shards, pickle-only directories); this module reads tensors so that
+resident memory never holds more than the current one: each read maps the file, and the
+mapping is dropped when the tensor is done.
+
+Side files (config, tokenizer, generation config, README, code) are copied into the result
+verbatim. A side file that is a link out of the source, a dangling link or not a regular file
+refuses the whole conversion, by name, whatever the file: copying it would put a file from
+elsewhere on the machine (``README.md -> ~/.ssh/id_ed25519``) into a checkpoint that may be
+published, and skipping it would publish a checkpoint whose file list silently differs from
+its source's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 from typing import Iterator
 
 import numpy as np
 
+from nld_jax.checkpoint.files import CheckpointFiles
 from nld_jax.checkpoint.hf import (ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_INDEX, INDEX_FILE, LORA_DIR,
                                    PICKLE_SUFFIXES, CheckpointError, HFCheckpoint,
                                    parse_adapter_config)
 from nld_jax.checkpoint.safetensors_io import SafetensorsFile
-from nld_jax.config import NLDConfig, config_from_hf
+from nld_jax.config import ConfigError, NLDConfig, config_from_hf
 
 from checkpoints_convert.key_map import KeyMap
 
-__all__ = ["TensorFiles", "LoraSource", "HFSource", "open_hf_source", "refuse_non_directory",
+__all__ = ["TensorFiles", "LoraSource", "HFSource", "open_hf_source", "read_config", "refuse_non_directory",
            "side_files", "copy_side_files"]
 
+CONFIG_FILE = "config.json"
 # Index and metadata files of either layout: never carried along as "side files".
 _NOT_SIDE_FILES = {INDEX_FILE, "nld_metadata.json", "_CHECKPOINT_METADATA", "commit_success.txt"}
-
-
-def _no_duplicates(pairs, where: str):
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise CheckpointError(f"{where}: tensor {key!r} is listed twice")
-        seen[key] = value
-    return seen
 
 
 class TensorFiles:
     """The tensors of one safetensors set (a single file, or an index and its shards)."""
 
-    def __init__(self, directory: str, single_file: str, index_file: str):
-        self.directory = directory
-        index_path = os.path.join(directory, index_file)
-        if os.path.exists(index_path):
-            with open(index_path) as f:
-                json.load(f, object_pairs_hook=lambda p: _no_duplicates(p, index_path))
-        ckpt = HFCheckpoint(directory, single_file=single_file, index_file=index_file)
+    def __init__(self, files: CheckpointFiles, single_file: str, index_file: str):
+        self.files = files
+        self.directory = files.directory
+        ckpt = HFCheckpoint(files, single_file=single_file, index_file=index_file)
+        self.index_file = index_file if files.exists(index_file) else None
+        self.names = [os.path.basename(path) for path in ckpt.files()]  # plain names: the rule refuses others
         self._file: dict[str, SafetensorsFile] = {}
         self.order: list[str] = []  # file by file, in data-offset order: reads stay sequential
         for st in ckpt.shards():
-            if st.duplicate_names:
-                raise CheckpointError(f"{st.path}: tensor {st.duplicate_names[0]!r} is listed twice")
             for key in st.keys_in_file_order():
                 self._file[key] = st
                 self.order.append(key)
         self.paths = ckpt.files()
-        stray = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors")
-                       and os.path.join(directory, n) not in self.paths)
-        self.ignored = [os.path.join(directory, n) for n in stray]
+        stray = sorted(n for n in files.listdir() if n.endswith(".safetensors")
+                       and os.path.join(self.directory, n) not in self.paths)
+        self.ignored = [os.path.join(self.directory, n) for n in stray]
 
     def keys(self) -> list[str]:
         return list(self.order)
@@ -80,6 +80,11 @@ class TensorFiles:
     def file_of(self, key: str) -> str:
         return os.path.basename(self._file[key].path)
 
+    def read_files(self) -> dict[str, str]:
+        """``{name: path}`` of every file read: the shards and the index."""
+        names = self.names + ([self.index_file] if self.index_file else [])
+        return {name: self.files.path(name) for name in names}
+
     @contextlib.contextmanager
     def read(self, key: str) -> Iterator[np.ndarray]:
         """The tensor as a read-only memory-mapped array, valid inside the ``with`` only."""
@@ -94,92 +99,117 @@ class TensorFiles:
 
 @dataclasses.dataclass
 class LoraSource:
-    directory: str
+    files: CheckpointFiles
     adapter_config: dict
     rank: int
     alpha: float
     tensors: TensorFiles
     key_map: KeyMap
 
+    @property
+    def directory(self) -> str:
+        return self.files.directory
+
 
 @dataclasses.dataclass
 class HFSource:
-    directory: str
+    files: CheckpointFiles
     config: NLDConfig
-    config_json: dict
     tensors: TensorFiles
     key_map: KeyMap
     lora: LoraSource | None
     side_files: list[str]  # names of top-level files to carry along (config, tokenizer, code)
 
-    def weight_paths(self) -> list[str]:
-        paths = list(self.tensors.paths)
+    @property
+    def directory(self) -> str:
+        return self.files.directory
+
+    def read_files(self) -> dict[str, str]:
+        """``{name relative to the source: path}`` of every file the conversion reads (for hashing)."""
+        out = dict(self.tensors.read_files())
         if self.lora is not None:
-            paths += self.lora.tensors.paths
-        return paths
+            lora_files = {**self.lora.tensors.read_files(), ADAPTER_CONFIG: self.lora.files.path(ADAPTER_CONFIG)}
+            out.update({f"{LORA_DIR}/{name}": path for name, path in sorted(lora_files.items())})
+        out.update({name: self.files.path(name) for name in self.side_files})
+        return out
 
 
 def refuse_non_directory(path: str) -> None:
     """A source must be a checkpoint directory; a pickle file gets a message saying why not."""
     if os.path.isdir(path):
         return
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"source {path} does not exist")
     if path.endswith(PICKLE_SUFFIXES):
         raise CheckpointError(f"{path} is a pickle file (PyTorch .bin/.pt); the converter never unpickles, "
                               "because loading a pickle can run arbitrary code. Save it as safetensors first.")
-    raise CheckpointError(f"{path} is a file; pass the checkpoint directory (with config.json)")
+    raise CheckpointError(f"{path} is not a directory; pass the checkpoint directory (with config.json)")
 
 
-def side_files(directory: str) -> list[str]:
-    """Top-level regular files other than weights: config, tokenizer, generation config, code."""
+def side_files(files: CheckpointFiles) -> list[str]:
+    """Top-level files other than weights: config, tokenizer, generation config, README, code.
+
+    Each must obey the rule (see the module docstring): a link out, a dangling link, a FIFO or
+    a device refuses the conversion by name. Subfolders are neither carried nor read."""
     names = []
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path) or name in _NOT_SIDE_FILES:
+    for name in files.listdir():
+        if name in _NOT_SIDE_FILES or name.endswith((".safetensors", ".safetensors.index.json", *PICKLE_SUFFIXES)):
             continue
-        if name.endswith((".safetensors", *PICKLE_SUFFIXES)) or name.endswith(".safetensors.index.json"):
+        if os.path.isdir(os.path.join(files.directory, name)):
             continue
+        try:
+            files.path(name)
+        except (CheckpointError, FileNotFoundError) as e:
+            raise CheckpointError(f"{e}; files beside the weights are copied into the result, so replace the "
+                                  f"link by the file itself or remove {name}") from None
         names.append(name)
     return names
 
 
-def copy_side_files(src: str, dst: str, names: list[str] | None = None) -> list[str]:
-    """Copy ``names`` (default: :func:`side_files` of ``src``) verbatim; returns the names."""
-    names = side_files(src) if names is None else names
+def copy_side_files(files: CheckpointFiles, dst: str, names: list[str] | None = None) -> list[str]:
+    """Copy ``names`` (default: :func:`side_files`) verbatim into ``dst``; returns the names."""
+    names = side_files(files) if names is None else names
     for name in names:
-        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+        with files.open(name) as source, open(os.path.join(dst, name), "wb") as target:
+            shutil.copyfileobj(source, target)
     return names
 
 
-def _open_lora(directory: str, config: NLDConfig) -> LoraSource | None:
-    lora_dir = os.path.join(directory, LORA_DIR)
-    if not os.path.isdir(lora_dir):
+def _open_lora(files: CheckpointFiles, config: NLDConfig) -> LoraSource | None:
+    if not files.exists(LORA_DIR):
         return None
-    cfg_path = os.path.join(lora_dir, ADAPTER_CONFIG)
-    if not os.path.exists(cfg_path):
-        raise CheckpointError(f"{lora_dir} has no {ADAPTER_CONFIG}")
-    with open(cfg_path) as f:
-        adapter_config = json.load(f)
-    rank, alpha = parse_adapter_config(adapter_config, cfg_path)
-    tensors = TensorFiles(lora_dir, ADAPTER_FILE, ADAPTER_INDEX)
+    if not files.is_dir(LORA_DIR):  # a link out of the source is refused by name
+        raise CheckpointError(f"{files.shown(LORA_DIR)} is not a directory")
+    lora = files.subdirectory(LORA_DIR)
+    if not lora.exists(ADAPTER_CONFIG):
+        raise CheckpointError(f"{lora.directory} has no {ADAPTER_CONFIG}")
+    adapter_config = lora.read_json(ADAPTER_CONFIG)
+    rank, alpha = parse_adapter_config(adapter_config, lora.shown(ADAPTER_CONFIG))
+    tensors = TensorFiles(lora, ADAPTER_FILE, ADAPTER_INDEX)
     key_map = KeyMap.for_lora(config, rank)
-    key_map.check_source(tensors.keys(), tensors.shape, tensors.dtype, lora_dir)
-    return LoraSource(lora_dir, adapter_config, rank, alpha, tensors, key_map)
+    key_map.check_source(tensors.keys(), tensors.shape, tensors.dtype, lora.directory)
+    return LoraSource(lora, adapter_config, rank, alpha, tensors, key_map)
+
+
+def read_config(files: CheckpointFiles) -> NLDConfig:
+    """``config.json`` of ``files``, read under the rule; errors name the file."""
+    if not files.exists(CONFIG_FILE):
+        raise CheckpointError(f"{files.directory} has no {CONFIG_FILE}")
+    config_json = files.read_json_object(CONFIG_FILE, ConfigError)
+    try:
+        return config_from_hf(config_json)  # refuses unknown architecture-changing fields
+    except ConfigError as e:
+        raise ConfigError(f"{files.shown(CONFIG_FILE)}: {e}") from None
 
 
 def open_hf_source(directory: str, with_lora: bool = True) -> HFSource:
     """Open and fully validate ``directory`` before anything is written."""
-    directory = os.path.abspath(directory)
+    directory = os.path.abspath(os.fspath(directory))
     refuse_non_directory(directory)
-    cfg_path = os.path.join(directory, "config.json")
-    if not os.path.exists(cfg_path):
-        raise CheckpointError(f"{directory} has no config.json")
-    with open(cfg_path) as f:
-        config_json = json.load(f)
-    config = config_from_hf(config_json)  # refuses unknown architecture-changing fields
-    tensors = TensorFiles(directory, "model.safetensors", INDEX_FILE)
+    files = CheckpointFiles(directory)
+    config = read_config(files)
+    tensors = TensorFiles(files, "model.safetensors", INDEX_FILE)
     key_map = KeyMap.for_params(config)
     key_map.check_source(tensors.keys(), tensors.shape, tensors.dtype, directory)
-    lora = _open_lora(directory, config) if with_lora else None
-    return HFSource(directory, config, config_json, tensors, key_map, lora, side_files(directory))
+    lora = _open_lora(files, config) if with_lora else None
+    return HFSource(files, config, tensors, key_map, lora, side_files(files))

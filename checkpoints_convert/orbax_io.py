@@ -15,7 +15,6 @@ straight into shardings, each device reading only the chunks it holds.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -24,10 +23,12 @@ from typing import Any, Callable
 import numpy as np
 import tensorstore as ts
 
+from nld_jax.checkpoint.files import CheckpointFiles
 from nld_jax.checkpoint.hf import CheckpointError
+from nld_jax import quant
 from nld_jax.checkpoint.orbax import (COMMIT_FILE, LORA_ITEM, METADATA_FILE, PARAMS_ITEM, PYTREE_HANDLER,
-                                      PYTREE_METADATA, STEP_METADATA, is_converted_dir, read_metadata,
-                                      tensorstore_context)
+                                      PYTREE_METADATA, STEP_METADATA, is_converted_dir, quantization_metadata,
+                                      read_metadata, tensorstore_context)
 from nld_jax.config import config_to_hf
 from nld_jax.loading import NLDModel
 from nld_jax.params import flatten_tree
@@ -35,7 +36,8 @@ from nld_jax.params import flatten_tree
 from checkpoints_convert.atomic_output import atomic_output_dir
 from checkpoints_convert.key_map import KeyMap
 from checkpoints_convert.provenance import build_metadata, write_json
-from checkpoints_convert.streaming import PendingWrites, chunk_blocks, copy_blocked, slowest_axis
+from checkpoints_convert.streaming import (FiniteCheck, NonFiniteError, PendingWrites, chunk_blocks, copy_blocked,
+                                          slowest_axis)
 
 __all__ = ["ItemWriter", "chunk_shape", "write_step_metadata", "save_orbax", "CHUNK_BYTES"]
 
@@ -85,8 +87,11 @@ class ItemWriter:
         self.dtypes[leaf] = dtype
 
     def write_slot(self, leaf: str, layer: int | None, view: np.ndarray, pending: PendingWrites,
-                   on_bytes: Callable[[int], None] | None = None) -> None:
-        """Write ``view`` (our layout, any strides, any float dtype) to ``leaf[layer]``, chunk by chunk."""
+                   on_bytes: Callable[[int], None] | None = None, finite: FiniteCheck | None = None) -> None:
+        """Write ``view`` (our layout, any strides, any float dtype) to ``leaf[layer]``, chunk by chunk.
+
+        With ``finite``, each chunk is checked after the cast to the stored dtype, before it is
+        submitted: a NaN or Inf raises :class:`NonFiniteError` (the caller names the tensor)."""
         region = self._arrays[leaf] if layer is None else self._arrays[leaf][layer]
         chunks = self._chunks[leaf] if layer is None else self._chunks[leaf][1:]
         if tuple(region.shape) != view.shape:
@@ -98,6 +103,8 @@ class ItemWriter:
             part = view[idx]
             out = np.empty(part.shape, dtype)
             copy_blocked(out, part)
+            if finite is not None and not finite(out):
+                raise NonFiniteError(f"{leaf}[{layer}] holds NaN or Inf")
             pending.submit(_write_chunk(region[idx], out), out.nbytes)
             if on_bytes is not None:
                 on_bytes(part.size * part.itemsize)
@@ -161,24 +168,23 @@ def _write_tree(item_dir: str, flat: dict[str, Any], stacked: dict[str, bool]) -
 def _recorded_layout(path: str | None) -> tuple[dict | None, dict | None]:
     """The HF shard layout and PEFT adapter config of the directory a model was loaded from, so
     that ``--reverse`` of re-saved (e.g. fine-tuned) weights writes the same files again."""
-    from nld_jax.checkpoint.hf import ADAPTER_CONFIG
+    from nld_jax.checkpoint.hf import ADAPTER_CONFIG, INDEX_FILE, LORA_DIR
 
     from checkpoints_convert.hf_source import TensorFiles
 
     if not path or not os.path.isdir(path):
         return None, None
+    files = CheckpointFiles(path)
     if is_converted_dir(path):
+        files.path(METADATA_FILE)
         meta = read_metadata(path)
         return meta.get("hf_layout"), (meta.get("lora") or {}).get("adapter_config")
     try:
-        tensors = TensorFiles(path, "model.safetensors", "model.safetensors.index.json")
+        tensors = TensorFiles(files, "model.safetensors", INDEX_FILE)
+        adapter_name = f"{LORA_DIR}/{ADAPTER_CONFIG}"
+        adapter = files.read_json(adapter_name) if files.exists(adapter_name) else None
     except (CheckpointError, ValueError, OSError):
         return None, None
-    adapter = None
-    adapter_path = os.path.join(path, "linear_spec_lora", ADAPTER_CONFIG)
-    if os.path.exists(adapter_path):
-        with open(adapter_path) as f:
-            adapter = json.load(f)
     return {"weight_map": {k: tensors.file_of(k) for k in tensors.order}}, adapter
 
 
@@ -188,7 +194,10 @@ def save_orbax(model: NLDModel, path, *, overwrite: bool = False, config_json: d
     Side files (tokenizer, generation config, code) are copied from ``model.path`` when it is a
     checkpoint directory, and its HF shard layout is recorded for ``--reverse``; ``config.json``
     is ``config_json`` or the source's or built from the config. Single-process: each leaf must
-    be fully addressable from this host.
+    be fully addressable from this host. The weights are written as they are, NaN or Inf
+    included (a diverged fine-tune can still be saved and inspected); ``nld-convert --reverse``
+    refuses them. Quantized weights (``nld_jax.quantize``) are written as ``nld-convert
+    --quantize`` writes them (``<leaf>.w`` and ``<leaf>.scale``, the scheme in the metadata).
     """
     from checkpoints_convert.hf_source import copy_side_files
 
@@ -196,11 +205,19 @@ def save_orbax(model: NLDModel, path, *, overwrite: bool = False, config_json: d
     layout, adapter_config = _recorded_layout(model.path)
     path = os.path.abspath(os.fspath(path))
     key_map = KeyMap.for_params(model.config)
-    flat = flatten_tree(model.params)
+    quantization = quant.quantization_of(model.params)
+    flat = {}
+    for leaf, value in flatten_tree(model.params).items():
+        if isinstance(value, quant.QuantizedArray):
+            flat[leaf + ".w"], flat[leaf + ".scale"] = value.w, value.scale
+        else:
+            flat[leaf] = value
     key_map.check_stored({k: tuple(v.shape) for k, v in flat.items()},
-                         {k: np.dtype(v.dtype) for k, v in flat.items()}, "model.params")
+                         {k: np.dtype(v.dtype) for k, v in flat.items()}, "model.params",
+                         quantized=None if quantization is None else quantization.scheme)
     with atomic_output_dir(path, overwrite) as tmp:
-        stacked = {leaf: spec.stacked for leaf, spec in key_map.leaves.items()}
+        stacked = {name: spec.stacked for leaf, spec in key_map.leaves.items()
+                   for name in (leaf, leaf + ".w", leaf + ".scale")}
         dtypes = {PARAMS_ITEM: _write_tree(os.path.join(tmp, PARAMS_ITEM), flat, stacked)}
         items = [PARAMS_ITEM]
         lora_meta = None
@@ -210,12 +227,15 @@ def save_orbax(model: NLDModel, path, *, overwrite: bool = False, config_json: d
             items.append(LORA_ITEM)
             rank = int(lora["A"].shape[-1])
             lora_meta = {"rank": rank, "alpha": float(lora["scale"]) * rank, "adapter_config": adapter_config}
-        copied = copy_side_files(model.path, tmp) if model.path and os.path.isdir(model.path) else []
+        has_source = bool(model.path) and os.path.isdir(model.path)
+        copied = copy_side_files(CheckpointFiles(model.path), tmp) if has_source else []
         if config_json is not None or "config.json" not in copied:
             write_json(os.path.join(tmp, "config.json"), config_json or config_to_hf(model.config))
             copied = sorted(set(copied) | {"config.json"})
         write_json(os.path.join(tmp, METADATA_FILE), build_metadata(
             source={"kind": "in-memory", "path": model.path}, dtypes=dtypes, lora=lora_meta, hf_layout=layout,
-            side_files=copied, chunk_bytes=CHUNK_BYTES))
+            side_files=copied, chunk_bytes=CHUNK_BYTES,
+            quantization=None if quantization is None else quantization_metadata(
+                quantization.scheme, [leaf for leaf, spec in key_map.leaves.items() if spec.contracting])))
         write_step_metadata(tmp, items, started)
     return path

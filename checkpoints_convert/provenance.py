@@ -10,11 +10,12 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import threading
 
 from nld_jax import __version__ as NLD_JAX_VERSION
-from nld_jax.checkpoint.orbax import FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, read_metadata
+from nld_jax.checkpoint.files import open_regular
+from nld_jax.checkpoint.orbax import (FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, PLAIN_FORMAT_VERSION,
+                                      QUANTIZED_FORMAT_VERSION, read_metadata)
 
 from checkpoints_convert import __version__ as CONVERTER_VERSION
 
@@ -24,10 +25,14 @@ __all__ = ["METADATA_FILE", "FORMAT_NAME", "FORMAT_VERSION", "CONVERTER_VERSION"
 
 
 class FileHasher:
-    """SHA-256 and size of each file, computed on a daemon thread; ``result()`` joins it."""
+    """SHA-256 and size of each file, computed on a daemon thread; ``result()`` joins it.
 
-    def __init__(self, root: str, relpaths: list[str], block_bytes: int = 8 << 20):
-        self._root, self._relpaths, self._block = root, list(relpaths), block_bytes
+    ``files`` maps the name recorded (relative to the source) to the path opened, resolved by
+    :class:`~nld_jax.checkpoint.files.CheckpointFiles`; it is opened as a regular file only
+    (a FIFO would block the thread, and ``result()`` with it, forever)."""
+
+    def __init__(self, files: dict[str, str], block_bytes: int = 8 << 20):
+        self._files, self._block = dict(files), block_bytes
         self._out: dict[str, dict] = {}
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="nld-convert-sha256", daemon=True)
@@ -37,10 +42,10 @@ class FileHasher:
         try:
             buf = bytearray(self._block)
             view = memoryview(buf)
-            for rel in self._relpaths:
+            for rel, path in self._files.items():
                 digest = hashlib.sha256()
                 size = 0
-                with open(os.path.join(self._root, rel), "rb", buffering=0) as f:
+                with open_regular(path) as f:
                     while n := f.readinto(buf):
                         digest.update(view[:n])
                         size += n
@@ -56,12 +61,14 @@ class FileHasher:
 
 
 def build_metadata(*, source: dict | None, dtypes: dict, lora: dict | None, hf_layout: dict | None,
-                   side_files: list[str], chunk_bytes: int) -> dict:
+                   side_files: list[str], chunk_bytes: int, quantization: dict | None = None) -> dict:
     """The metadata document. ``hf_layout`` (the source's key -> file map) lets ``--reverse``
-    reproduce the original shard files; ``lora`` keeps the PEFT adapter config."""
-    return {
+    reproduce the original shard files; ``lora`` keeps the PEFT adapter config; ``quantization``
+    (:func:`nld_jax.checkpoint.orbax.quantization_metadata`) names the scheme of quantized weights,
+    which are written as format version 2 (older readers then ask for an upgrade)."""
+    meta = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": PLAIN_FORMAT_VERSION if quantization is None else QUANTIZED_FORMAT_VERSION,
         "converter": "checkpoints_convert",
         "converter_version": CONVERTER_VERSION,
         "nld_jax_version": NLD_JAX_VERSION,
@@ -73,6 +80,9 @@ def build_metadata(*, source: dict | None, dtypes: dict, lora: dict | None, hf_l
         "side_files": list(side_files),
         "storage": {"driver": "zarr", "compressor": None, "target_chunk_bytes": chunk_bytes, "ocdbt": False},
     }
+    if quantization is not None:
+        meta["quantization"] = quantization
+    return meta
 
 
 def write_json(path: str, obj) -> None:

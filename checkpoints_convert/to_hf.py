@@ -19,16 +19,19 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorstore as ts
 
+from nld_jax.checkpoint.files import CheckpointFiles
 from nld_jax.checkpoint.hf import ADAPTER_CONFIG, ADAPTER_FILE, LORA_DIR, CheckpointError
 from nld_jax.checkpoint.hf_write import peft_adapter_config, write_index
-from nld_jax.checkpoint.directory import load_hf_config
-from nld_jax.checkpoint.orbax import LORA_ITEM, PARAMS_ITEM, open_item, read_metadata, stored_shapes
+from nld_jax.checkpoint.orbax import (LORA_ITEM, METADATA_FILE, PARAMS_ITEM, open_item, quantization_of_metadata,
+                                      read_metadata, stored_shapes)
+from nld_jax.config import NLDConfig
 
-from checkpoints_convert.atomic_output import atomic_output_dir, check_not_overlapping, terminate_as_exit
-from checkpoints_convert.hf_source import copy_side_files
+from checkpoints_convert.atomic_output import (atomic_output_dir, check_destination, check_not_overlapping,
+                                               remove_leftovers, terminate_as_exit)
+from checkpoints_convert.hf_source import copy_side_files, read_config, refuse_non_directory
 from checkpoints_convert.key_map import KeyMap, Ledger, TensorRoute
 from checkpoints_convert.safetensors_stream import BufferPool, SafetensorsStreamWriter, plan_shards
-from checkpoints_convert.streaming import chunk_blocks, copy_blocked, slowest_axis
+from checkpoints_convert.streaming import FiniteCheck, NonFiniteError, chunk_blocks, copy_blocked, slowest_axis
 from checkpoints_convert.to_orbax import ConversionReport, _progress_bar, parse_dtype
 from checkpoints_convert.verify import verify_conversion
 
@@ -55,24 +58,26 @@ def is_dense_layout(view: np.ndarray) -> bool:
     return True
 
 
-def iter_hf_strips(array: ts.TensorStore, route: TensorRoute, dtype: np.dtype, pool: BufferPool,
-                   prefetch: int = 4) -> Iterator[tuple[np.ndarray, Callable[[], None]]]:
+def iter_hf_strips(array: ts.TensorStore, route: TensorRoute, dtype: np.dtype, pool: BufferPool, prefetch: int = 4,
+                   finite: FiniteCheck | None = None) -> Iterator[tuple[np.ndarray, Callable[[], None]]]:
     """The HF bytes of ``route.hf_key`` in file order, as ``(uint8 strip, release)`` pieces.
 
     ``to_ours`` of an (untouched, so never resident) HF-shaped buffer gives our layout's strides
     over HF memory. Its slowest axis is HF's outermost, so a run of it is a contiguous range of
     the tensor's bytes: each run of whole stored chunk columns is gathered into a pooled strip
     (through a view with the same strides) and handed on, the next chunks' reads in flight. The
-    whole tensor is never in memory.
+    whole tensor is never in memory. With ``finite``, each strip is checked before it is handed
+    on: a NaN or Inf raises :class:`NonFiniteError` naming the tensor, layer and HF index.
     """
     region = array if route.layer is None else array[route.layer]
-    dtype = np.dtype(dtype)
+    dtype, stored = np.dtype(dtype), np.dtype(array.dtype.numpy_dtype)
     probe = route.to_ours(np.empty(route.hf_shape, dtype))
     if tuple(probe.shape) != route.slot_shape or tuple(region.shape) != route.slot_shape:
         raise CheckpointError(f"tensor {route.hf_key!r}: stored slot {list(region.shape)} / layout "
                               f"{list(probe.shape)} differ from {list(route.slot_shape)}")
     if not is_dense_layout(probe):  # a scalar, or a transform that copies: convert the slot whole
         whole = np.ascontiguousarray(route.to_hf(region.read().result())).astype(dtype, copy=False)
+        _check_strip(finite, whole, 0, route, stored)
         buf = pool.get(whole.nbytes)
         buf[:whole.nbytes] = whole.reshape(-1).view(np.uint8)
         yield buf[:whole.nbytes], lambda: pool.put(buf)
@@ -92,6 +97,11 @@ def iter_hf_strips(array: ts.TensorStore, route: TensorRoute, dtype: np.dtype, p
         view = np.lib.stride_tricks.as_strided(buf[:nbytes].view(dtype), shape, probe.strides, writeable=True)
         return start, buf, nbytes, view
 
+    def finished(strip):
+        start, buf, nbytes, _ = strip
+        _check_strip(finite, buf[:nbytes].view(dtype), start * stride // dtype.itemsize, route, stored)
+        return buf[:nbytes], functools.partial(pool.put, buf)
+
     reads = collections.deque()
     blocks = iter(chunk_blocks(probe.shape, chunks, axis))  # chunk columns of `axis` in order
     while True:
@@ -103,17 +113,33 @@ def iter_hf_strips(array: ts.TensorStore, route: TensorRoute, dtype: np.dtype, p
         start = idx[axis].start // run * run
         if strip is None or strip[0] != start:
             if strip is not None:
-                yield strip[1][:strip[2]], functools.partial(pool.put, strip[1])
+                yield finished(strip)
             strip = new_strip(start)
         local = idx[:axis] + (slice(idx[axis].start - start, idx[axis].stop - start),) + idx[axis + 1:]
         copy_blocked(strip[3][local], future.result())
     if strip is not None:
-        yield strip[1][:strip[2]], functools.partial(pool.put, strip[1])
+        yield finished(strip)
+
+
+def _check_strip(finite: FiniteCheck | None, values: np.ndarray, offset: int, route: TensorRoute,
+                 stored: np.dtype) -> None:
+    """``values``: HF elements ``offset``... of ``route``'s tensor, in HF (C) order."""
+    if finite is None:
+        return
+    bad = finite.first_bad(values)
+    if bad is None:
+        return
+    index = [int(i) for i in np.unravel_index(offset + bad, route.hf_shape)]
+    where = f"tensor {route.hf_key!r}" + (f" (layer {route.layer})" if route.layer is not None else "")
+    cast = "" if stored == values.dtype else f", or a value beyond the range of {values.dtype.name},"
+    raise NonFiniteError(f"{route.item}/{route.leaf}: {where} holds NaN or Inf{cast} (first at {index}); "
+                         "a checkpoint's weights must be finite")
 
 
 def _write_files(directory: str, plan, routes: dict[str, TensorRoute], leaves, dtypes: dict[str, np.dtype],
-                 ledger: Ledger, bar) -> None:
+                 ledger: Ledger, bar, source: str, check_finite: bool = True) -> None:
     pool = BufferPool()
+    finite = FiniteCheck() if check_finite else None
     for name, keys in plan:
         writer = SafetensorsStreamWriter(os.path.join(directory, name),
                                          [(k, dtypes[k], routes[k].hf_shape) for k in keys], {"format": "pt"})
@@ -121,7 +147,11 @@ def _write_files(directory: str, plan, routes: dict[str, TensorRoute], leaves, d
             for key in keys:
                 ledger.use(key)
                 route = routes[key]
-                writer.write_parts(key, iter_hf_strips(leaves[route.leaf], route, dtypes[key], pool), bar.update)
+                writer.write_parts(key, iter_hf_strips(leaves[route.leaf], route, dtypes[key], pool, finite=finite),
+                                   bar.update)
+        except NonFiniteError as e:
+            writer.abort()
+            raise NonFiniteError(f"{source}/{e}") from None
         except BaseException:
             writer.abort()
             raise
@@ -141,26 +171,48 @@ def _torch_dtype_name(dtypes) -> str | None:
     return names.pop() if len(names) == 1 else None
 
 
+def _open_converted(src: str) -> tuple[CheckpointFiles, dict, NLDConfig]:
+    """The files, metadata and config of a converted checkpoint, every file read under the
+    library's rule (:class:`CheckpointFiles`); the zarr arrays, which tensorstore opens itself,
+    are checked file by file (:meth:`CheckpointFiles.check_tree`) before they are opened."""
+    refuse_non_directory(src)
+    files = CheckpointFiles(src)
+    if files.exists(METADATA_FILE):
+        files.path(METADATA_FILE)
+    meta = read_metadata(files.directory)  # says "not a converted checkpoint" when it has none
+    stored = quantization_of_metadata(meta, files)
+    if stored is not None:
+        # Refused rather than dequantized: bf16 tensors rebuilt from int8 look like NVIDIA's
+        # original but are not it, and nothing in safetensors would record the loss.
+        raise CheckpointError(f"{src} is quantized ({stored}); --reverse writes NVIDIA's unquantized layout and "
+                              "would have to dequantize it, which is lossy. Reverse the unquantized checkpoint it "
+                              "was made from (or keep NVIDIA's original safetensors)")
+    config = read_config(files)
+    files.check_tree(PARAMS_ITEM)
+    return files, meta, config
+
+
 def convert_orbax_to_hf(src, dst, *, dtype=None, lora: bool = True, overwrite: bool = False,
                         verify: bool = False, progress: bool = True,
-                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ConversionReport:
+                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, check_finite: bool = True) -> ConversionReport:
     """Write the converted checkpoint ``src`` back as an HF safetensors directory ``dst``.
 
     ``dtype``: None / "keep" writes each tensor in its stored dtype; "bfloat16" / "float32"
-    casts the base weights (the LoRA keeps its dtype).
+    casts the base weights (the LoRA keeps its dtype). A weight holding NaN or Inf (or one a
+    cast would overflow) is refused by name unless ``check_finite=False``.
     """
     t0 = time.perf_counter()
     requested = parse_dtype(dtype)
     src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
-    if os.path.lexists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
-    meta = read_metadata(src)
-    config = load_hf_config(src)
+    remove_leftovers(dst)
+    check_destination(dst, overwrite)
+    files, meta, config = _open_converted(src)
     key_map = KeyMap.for_params(config)
     leaves = open_item(os.path.join(src, PARAMS_ITEM))
     key_map.check_stored(*stored_shapes(leaves), os.path.join(src, PARAMS_ITEM))
     lora_map = lora_leaves = None
-    if lora and os.path.isdir(os.path.join(src, LORA_ITEM)):
+    if lora and files.exists(LORA_ITEM):
+        files.check_tree(LORA_ITEM)
         lora_leaves = open_item(os.path.join(src, LORA_ITEM))
         shapes, dtypes = stored_shapes(lora_leaves)
         if len(shapes.get("A", ())) != 4 or shapes.get("scale") != ():
@@ -184,19 +236,19 @@ def convert_orbax_to_hf(src, dst, *, dtype=None, lora: bool = True, overwrite: b
     ledger = Ledger([key_map] + ([lora_map] if lora_map else []))
     with terminate_as_exit(), atomic_output_dir(dst, overwrite) as tmp:
         with _progress_bar(total, progress, "nld-convert --reverse") as bar:
-            _write_files(tmp, plan, routes, leaves, out_dtypes, ledger, bar)
+            _write_files(tmp, plan, routes, leaves, out_dtypes, ledger, bar, src, check_finite)
             write_index(tmp, plan, sizes)
             if lora_map is not None:
                 lora_dir = os.path.join(tmp, LORA_DIR)
                 os.mkdir(lora_dir)
                 _write_files(lora_dir, [(ADAPTER_FILE, list(lora_routes))], lora_routes, lora_leaves,
-                             lora_dtypes, ledger, bar)
+                             lora_dtypes, ledger, bar, src, check_finite)
                 rank = int(lora_leaves["A"].shape[-1])
                 scale = float(lora_leaves["scale"].read().result())
                 with open(os.path.join(lora_dir, ADAPTER_CONFIG), "w") as f:
                     json.dump(_adapter_config(meta.get("lora"), rank, scale), f, indent=2)
         ledger.check_complete()
-        copy_side_files(src, tmp)
+        copy_side_files(files, tmp)
         _record_dtype(os.path.join(tmp, "config.json"), _torch_dtype_name(out_dtypes.values()))
         report = ConversionReport(src, dst, ledger.used, total, 0.0,
                                   {PARAMS_ITEM: sorted({d.name for d in out_dtypes.values()})}, lora_map is not None)

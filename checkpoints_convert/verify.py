@@ -4,12 +4,15 @@ Each checkpoint is loaded in the dtype it is stored in (that is what a user of i
 the same dtype on both sides the logits must be identical, bit for bit; after a dtype change
 the report shows what the change costs (largest logit difference and mean KL divergence).
 The draft LoRA, when both sides have it, is checked the same way on diffusion-mode logits.
+
+A quantized result is compared with the source quantized on load (``nld_jax.load(source,
+quantize=...)``), which must give the same logits bit for bit; what the quantization itself costs
+(against the unquantized source) is reported beside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 
@@ -28,14 +31,22 @@ class VerifyReport:
     kl: float
     lora_max_abs_diff: float | None = None
     lora_kl: float | None = None
+    quantized: str | None = None  # the scheme: then the reference is the source quantized on load
+    unquantized_max_abs_diff: float | None = None  # the quantized result against the source as stored
+    unquantized_kl: float | None = None
 
     @property
     def same_dtype(self) -> bool:
-        return self.source_dtype == self.converted_dtype
+        return self.source_dtype == self.converted_dtype or self.quantized is not None
 
     def summary(self) -> str:
-        text = (f"verify: {self.source_dtype} -> {self.converted_dtype}: max |logit diff| "
-                f"{self.max_abs_diff:.3g}, KL {self.kl:.3g}")
+        if self.quantized is not None:
+            text = (f"verify: {self.quantized} ({self.converted_dtype} compute) against the source quantized on load: "
+                    f"max |logit diff| {self.max_abs_diff:.3g}; against the unquantized {self.source_dtype} source: "
+                    f"max |logit diff| {self.unquantized_max_abs_diff:.3g}, KL {self.unquantized_kl:.3g}")
+        else:
+            text = (f"verify: {self.source_dtype} -> {self.converted_dtype}: max |logit diff| "
+                    f"{self.max_abs_diff:.3g}, KL {self.kl:.3g}")
         if self.lora_max_abs_diff is not None:
             text += f"; draft LoRA logits: max |diff| {self.lora_max_abs_diff:.3g}, KL {self.lora_kl:.3g}"
         return text
@@ -65,12 +76,17 @@ def verify_conversion(source: str, converted: str) -> VerifyReport:
     from nld_jax.loading import stored_dtype
 
     src_dtype, out_dtype = stored_dtype(source), stored_dtype(converted)
-    ref = nld_jax.load(source, dtype=src_dtype, load_tokenizer_files=False)
     out = nld_jax.load(converted, dtype=out_dtype, load_tokenizer_files=False)
+    scheme = None if out.quantization is None else out.quantization.scheme
+    ref = nld_jax.load(source, dtype=out_dtype if scheme else src_dtype, load_tokenizer_files=False, quantize=scheme)
     if ref.config != out.config:
         raise VerificationError(f"configs differ: {ref.config} vs {out.config}")
     tokens = fixed_prompt(ref.config.vocab_size, min(16, ref.config.max_position_embeddings))
     max_diff, kl = _compare(nld_jax.forward(ref, tokens), nld_jax.forward(out, tokens))
+    plain_diff = plain_kl = None
+    if scheme is not None:
+        plain = nld_jax.load(source, dtype=src_dtype, load_tokenizer_files=False, load_lora=False)
+        plain_diff, plain_kl = _compare(nld_jax.forward(plain, tokens), nld_jax.forward(out, tokens))
     lora_diff = lora_kl = None
     if (ref.lora is None) != (out.lora is None):
         raise VerificationError("the draft LoRA is on one side only")
@@ -78,7 +94,7 @@ def verify_conversion(source: str, converted: str) -> VerifyReport:
         half = tokens.shape[1] // 2
         lora_diff, lora_kl = _compare(nld_jax.block_logits(ref, tokens[:, :half], tokens[:, half:], use_lora=True),
                                       nld_jax.block_logits(out, tokens[:, :half], tokens[:, half:], use_lora=True))
-    report = VerifyReport(src_dtype, out_dtype, max_diff, kl, lora_diff, lora_kl)
+    report = VerifyReport(src_dtype, out_dtype, max_diff, kl, lora_diff, lora_kl, scheme, plain_diff, plain_kl)
     if report.same_dtype and (max_diff != 0.0 or (lora_diff or 0.0) != 0.0):
         raise VerificationError(f"logits differ at the same dtype ({report.summary()})")
     return report

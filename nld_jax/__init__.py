@@ -18,7 +18,8 @@ from nld_jax.decode import DecodeInputs, DecodeOptions, DecodeOutput, decode, de
 from nld_jax.generate import GenerationResult, NonFiniteError, generate
 from nld_jax.inference import block_logits, forward
 from nld_jax.kv_cache import KVCache
-from nld_jax.loading import NLDModel, load, random_model
+from nld_jax.loading import NLDModel, load, quantize, random_model
+from nld_jax.quant import QuantizedArray
 from nld_jax.partitioning import DEFAULT_RULES, ShardingError, ShardingRules
 from nld_jax.runtime import Runtime
 from nld_jax.sharding import make_mesh, shard_model
@@ -26,7 +27,7 @@ from nld_jax.sharding import make_mesh, shard_model
 __version__ = "0.2.0"
 
 __all__ = [
-    "load", "generate", "forward", "block_logits", "random_model",
+    "load", "generate", "forward", "block_logits", "random_model", "quantize", "QuantizedArray",
     "NLDModel", "NLDConfig", "RopeConfig", "GenerationResult", "PRESETS", "preset",
     "config_from_hf", "load_hf_config", "ConfigError", "CheckpointError", "NonFiniteError",
     "decode", "decode_jit", "DecodeOptions", "DecodeInputs", "DecodeOutput", "KVCache", "Runtime",

@@ -187,18 +187,22 @@ _HARMLESS_FIELDS = {
     "t_window_width", "use_sbd_objective", "layer_types", "generation_config",
 }
 
+def _is_false(v) -> bool:
+    return v is None or v is False
+
+
 # Known fields with the one value this implementation supports: value -> predicate.
 _REQUIRED_VALUES: dict[str, tuple[str, Any]] = {
-    "attention_bias": ("false", lambda v: v in (False, None)),
-    "mlp_bias": ("false", lambda v: v in (False, None)),
+    "attention_bias": ("false", _is_false),
+    "mlp_bias": ("false", _is_false),
     "hidden_act": ("silu", lambda v: v in ("silu", "swish")),
     "sliding_window": ("null", lambda v: v is None),
-    "use_sliding_window": ("false", lambda v: not v),
+    "use_sliding_window": ("false", _is_false),
     "dlm_type": ("'llada' (unshifted diffusion logits)", lambda v: v in (None, "llada")),
     "dlm_paradigm": ("bidirectional | block_diff | autoregressive",
                      lambda v: v in (None, "bidirectional", "block_diff", "autoregressive")),
-    "partial_rotary_factor": ("1.0", lambda v: v in (None, 1, 1.0)),
-    "qk_norm": ("false", lambda v: not v),
+    "partial_rotary_factor": ("1.0", lambda v: v is None or (_is_number(v) and v == 1)),
+    "qk_norm": ("false", _is_false),
     "self_spec_inference_mode": ("null", lambda v: v is None),
     "quantization_config": ("absent (quantized checkpoints are not supported)", lambda v: v is None),
     "quantization": ("absent (quantized checkpoints are not supported)", lambda v: v is None),
@@ -213,15 +217,67 @@ _ROPE_KEYS = {
     "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate", "llama_4_scaling_beta",
 }
 
+# Ranges of the integer fields: wide enough for any real NLD (the 14B: L 40, D 5120, V 131072,
+# 256k positions), narrow enough that no config can make nld-jax plan absurd arrays.
+_INT_RANGES = {
+    "vocab_size": (1, 2**24),
+    "hidden_size": (1, 2**16),
+    "intermediate_size": (1, 2**20),
+    "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "head_dim": (2, 2048),
+    "max_position_embeddings": (1, 2**24),
+    "original_max_position_embeddings": (1, 2**24),
+    "block_size": (1, 2**16),
+}
+_MISSING = object()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(hf: Mapping[str, Any], name: str, default=_MISSING, *, null_is_default: bool = False) -> int:
+    """Integer field ``name``: a JSON integer (not 8.0, "8" or true) inside ``_INT_RANGES``."""
+    value = hf.get(name, default)
+    if value is None and null_is_default and default is not _MISSING:
+        value = default
+    lo, hi = _INT_RANGES[name]
+    if not _is_int(value) or not lo <= value <= hi:
+        raise ConfigError(f"config field {name}={value!r:.80} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def _number(params: Mapping[str, Any], name: str, default, *, positive: bool = False, at_least: float | None = None,
+            nullable: bool = False, above: float | None = None) -> float | None:
+    """Number field ``name``: a finite JSON number (not a string or a bool), in range."""
+    value = params.get(name, default)
+    if value is None:
+        if nullable:
+            return None
+        value = default
+    if not _is_number(value) or (positive and value <= 0) or (at_least is not None and value < at_least) \
+            or (above is not None and value <= above):
+        bound = (f" > {above}" if above is not None else " > 0" if positive else
+                 f" >= {at_least}" if at_least is not None else "")
+        raise ConfigError(f"config field {name}={value!r:.80} must be a finite number{bound}")
+    return value
+
 
 def _rope_from_hf(hf: Mapping[str, Any], max_pos: int) -> RopeConfig:
     # transformers 5 writes everything under rope_parameters; older files put the theta at the
     # top level and the scaling dict in rope_scaling.
     params: dict[str, Any] = {}
-    if hf.get("rope_scaling"):
-        params.update(hf["rope_scaling"])
-    if hf.get("rope_parameters"):
-        params.update(hf["rope_parameters"])
+    for field in ("rope_scaling", "rope_parameters"):
+        value = hf.get(field)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"config field {field} must be an object or null, got {type(value).__name__}")
+        params.update(value or {})
     if "rope_theta" in hf and "rope_theta" not in params:
         params["rope_theta"] = hf["rope_theta"]
     unknown = sorted(set(params) - _ROPE_KEYS)
@@ -229,51 +285,62 @@ def _rope_from_hf(hf: Mapping[str, Any], max_pos: int) -> RopeConfig:
         raise ConfigError(f"unsupported rope field(s) {unknown} in config.json")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("yarn", "default"):
-        raise ConfigError(f"unsupported rope_type {rope_type!r} (only 'yarn' and 'default')")
-    orig = params.get("original_max_position_embeddings") or max_pos
+        raise ConfigError(f"unsupported rope_type {rope_type!r:.80} (only 'yarn' and 'default')")
+    orig = _int(params, "original_max_position_embeddings", max_pos, null_is_default=True)
     factor = params.get("factor")
     if factor is None:
         factor = max_pos / orig
+    factor = _number({"factor": factor}, "factor", None, at_least=1.0 if rope_type == "yarn" else None, positive=True)
+    truncate = params.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ConfigError(f"config field truncate={truncate!r:.80} must be true or false")
     return RopeConfig(
-        theta=float(params.get("rope_theta", 10000.0)),
+        # log(theta) divides the YaRN correction range: theta must be above 1.
+        theta=float(_number(params, "rope_theta", 10000.0, above=1.0)),
         rope_type=rope_type,
         factor=float(factor),
-        original_max_position_embeddings=int(orig),
-        beta_fast=float(params.get("beta_fast") or 32.0),
-        beta_slow=float(params.get("beta_slow") or 1.0),
-        mscale=params.get("mscale"),
-        mscale_all_dim=params.get("mscale_all_dim"),
-        attention_factor=params.get("attention_factor"),
-        truncate=bool(params.get("truncate", True)),
-        llama_4_scaling_beta=params.get("llama_4_scaling_beta"),
+        original_max_position_embeddings=orig,
+        beta_fast=float(_number(params, "beta_fast", 32.0, positive=True)),
+        beta_slow=float(_number(params, "beta_slow", 1.0, positive=True)),
+        mscale=_number(params, "mscale", None, nullable=True),
+        mscale_all_dim=_number(params, "mscale_all_dim", None, nullable=True),
+        attention_factor=_number(params, "attention_factor", None, nullable=True, positive=True),
+        truncate=truncate,
+        llama_4_scaling_beta=_number(params, "llama_4_scaling_beta", None, nullable=True, at_least=0.0),
     )
 
 
-def _single_token_id(value, name: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        if not value:
-            return None
-        # Several EOS ids: the reference stops on config.eos_token_id compared elementwise,
-        # which only works with one id; we take the first and say so in the docs.
-        return int(value[0])
-    return int(value)
+def _token_id(hf: Mapping[str, Any], name: str, vocab: int) -> int | None:
+    """A special token id (``bos_token_id``, ``eos_token_id``): null, an id inside the vocabulary,
+    or a list of them."""
+    value = hf.get(name)
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(_is_int(i) and 0 <= i < vocab for i in ids):
+        raise ConfigError(f"config field {name}={value!r:.80} must be null, a token id in [0, {vocab}) "
+                          "or a list of them")
+    # Several EOS ids: the reference stops on config.eos_token_id compared elementwise, which
+    # only works with one id; we take the first and say so in the docs.
+    return ids[0] if ids else None
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> NLDConfig:
-    """Build an :class:`NLDConfig` from a parsed HF ``config.json``; refuse what we don't run."""
+    """Build an :class:`NLDConfig` from a parsed HF ``config.json``; refuse what we don't run.
+
+    Every field the model uses is checked for type and range (an error names the field and the
+    value); :func:`nld_jax.checkpoint.directory.load_hf_config` adds the file."""
+    if not isinstance(hf, Mapping):
+        raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
     hf = dict(hf)
     # Some exports nest the language model config (VLM wrappers); we only handle text models.
     if "text_config" in hf:
         raise ConfigError("config.json has a 'text_config' (a multimodal wrapper); "
                           "only the text-only NLD checkpoints are supported")
     model_type = hf.get("model_type")
-    if model_type is not None and model_type not in _MODEL_TYPES:
-        raise ConfigError(f"model_type {model_type!r} is not an NLD model ({sorted(_MODEL_TYPES)})")
+    if model_type is not None and (not isinstance(model_type, str) or model_type not in _MODEL_TYPES):
+        raise ConfigError(f"model_type {model_type!r:.80} is not an NLD model ({sorted(_MODEL_TYPES)})")
     for field, (expected, ok) in _REQUIRED_VALUES.items():
         if field in hf and not ok(hf[field]):
-            raise ConfigError(f"config field {field}={hf[field]!r} is not supported (expected {expected})")
+            raise ConfigError(f"config field {field}={hf[field]!r:.80} is not supported (expected {expected})")
     known = _ARCH_FIELDS | _HARMLESS_FIELDS | set(_REQUIRED_VALUES)
     unknown = sorted(k for k in hf if k not in known)
     if unknown:
@@ -286,24 +353,42 @@ def config_from_hf(hf: Mapping[str, Any]) -> NLDConfig:
     if missing:
         raise ConfigError(f"config.json lacks required field(s) {missing}")
 
-    heads = int(hf["num_attention_heads"])
-    max_pos = int(hf.get("max_position_embeddings", 262144))
+    vocab, hidden = _int(hf, "vocab_size"), _int(hf, "hidden_size")
+    heads = _int(hf, "num_attention_heads")
+    kv_heads = _int(hf, "num_key_value_heads", heads, null_is_default=True)
+    if heads % kv_heads:
+        raise ConfigError(f"config field num_key_value_heads={kv_heads} must divide num_attention_heads={heads}")
+    if hf.get("head_dim") is None and hidden % heads:
+        raise ConfigError(f"config lacks head_dim and num_attention_heads={heads} does not divide "
+                          f"hidden_size={hidden}")
+    head_dim = _int(hf, "head_dim", hidden // heads, null_is_default=True)
+    if head_dim % 2:
+        raise ConfigError(f"config field head_dim={head_dim} must be even (rotary embeddings rotate pairs)")
+    max_pos = _int(hf, "max_position_embeddings", 262144)
+    tie = hf.get("tie_word_embeddings", False)
+    if tie is None:
+        tie = False
+    if not isinstance(tie, bool):
+        raise ConfigError(f"config field tie_word_embeddings={tie!r:.80} must be true or false")
+    mask = hf.get("mask_token_id", 100)
+    if not _is_int(mask) or not 0 <= mask < vocab:
+        raise ConfigError(f"config field mask_token_id={mask!r:.80} must be a token id in [0, {vocab})")
     return NLDConfig(
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]),
-        num_hidden_layers=int(hf["num_hidden_layers"]),
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=_int(hf, "intermediate_size"),
+        num_hidden_layers=_int(hf, "num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
         max_position_embeddings=max_pos,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        rms_norm_eps=float(_number(hf, "rms_norm_eps", 1e-5, positive=True)),
         rope=_rope_from_hf(hf, max_pos),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        mask_token_id=int(hf.get("mask_token_id", 100)),
-        bos_token_id=_single_token_id(hf.get("bos_token_id"), "bos_token_id"),
-        eos_token_id=_single_token_id(hf.get("eos_token_id"), "eos_token_id"),
-        block_size=int(hf.get("block_size") or 32),
+        tie_word_embeddings=tie,
+        mask_token_id=mask,
+        bos_token_id=_token_id(hf, "bos_token_id", vocab),
+        eos_token_id=_token_id(hf, "eos_token_id", vocab),
+        block_size=_int(hf, "block_size", 32, null_is_default=True),
     )
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nld_jax import validation
-from nld_jax.decode import (BLOCK_MODES, MODES, DecodeInputs, DecodeOptions, DecodeOutput, cache_size_for,
+from nld_jax.decode import (BLOCK_MODES, MODES, SPEC_MODES, DecodeInputs, DecodeOptions, cache_size_for,
                             context_needed, decode)
 from nld_jax.decode.listeners import TokenStream, listening
 from nld_jax.kv_cache import KVCache
@@ -30,12 +30,16 @@ from nld_jax.loading import NLDModel
 from nld_jax.partitioning import ShardingRules, place_global, replicated
 from nld_jax.placement import Placement
 from nld_jax.programs import PROGRAMS
-from nld_jax.runtime import Runtime
 
 __all__ = ["GenerationResult", "NonFiniteError", "generate", "bucket_length", "budget_bucket", "resolve_settings"]
 
 MIN_BUCKET = 16
 DIFFUSION_THRESHOLD = 0.9  # NVIDIA's chat and eval default, when the checkpoint names none
+# Above it sampling is uniform to float32 precision anyway; near float32's range the Gumbel noise
+# T * ln(-ln u) overflows to +-inf and the argmax of the ties picks the lowest ids: a wrong result.
+MAX_TEMPERATURE = 1e6
+# The decoder reads top_p in float32: a positive top_p that rounds to 0 there would keep no token.
+MIN_TOP_P = float(np.finfo(np.float32).tiny)
 
 
 class NonFiniteError(ValueError):
@@ -98,8 +102,8 @@ def resolve_settings(model: NLDModel, mode: str, max_new_tokens, block_length, t
     if block_length is None:
         block_length = getattr(defaults, "block_length", None) or model.config.block_size
     block = validation.integer(block_length, "block_length", minimum=1)
-    if mode == "spec" and block < 2:
-        raise ValueError("spec mode needs block_length >= 2 (a seed and at least one draft slot)")
+    if mode in SPEC_MODES and block < 2:
+        raise ValueError(f"{mode} mode needs block_length >= 2 (a seed and at least one draft slot)")
     if isinstance(threshold, str):
         if threshold != "auto":
             raise ValueError(f"threshold must be a number in [0, 1], None or 'auto', got {threshold!r}")
@@ -109,15 +113,15 @@ def resolve_settings(model: NLDModel, mode: str, max_new_tokens, block_length, t
             threshold = DIFFUSION_THRESHOLD if threshold is None else threshold
     elif threshold is not None:
         threshold = validation.probability(threshold, "threshold")
-    temperature = validation.number(temperature, "temperature", minimum=0.0)
-    top_p = validation.probability(top_p, "top_p", allow_zero=False)
-    top_k = validation.integer(top_k, "top_k", minimum=0)
-    if not isinstance(use_lora, (bool, np.bool_)):
-        raise ValueError(f"use_lora must be True or False, got {use_lora!r}")
+    temperature = validation.number(temperature, "temperature", minimum=0.0, maximum=MAX_TEMPERATURE)
+    top_p = max(validation.probability(top_p, "top_p", allow_zero=False), MIN_TOP_P)
+    # top_k >= the vocabulary keeps every token; clamped so that it fits the decoder's int32
+    top_k = min(validation.integer(top_k, "top_k", minimum=0), model.config.vocab_size)
+    use_lora = validation.flag(use_lora, "use_lora")
     if use_lora and model.lora is None:
         raise ValueError("use_lora=True but this checkpoint has no draft LoRA (linear_spec_lora/)")
     return Settings(mode, max_new, block if mode in BLOCK_MODES else 1, threshold, temperature, top_p, top_k,
-                    bool(use_lora) and mode != "ar")
+                    use_lora and mode != "ar")
 
 
 def _options(s: Settings, capacity: int, stream: bool) -> DecodeOptions:
@@ -142,7 +146,9 @@ def generate(model: NLDModel, prompts, mode: str = "ar", max_new_tokens: int = 1
              embeddings=None) -> GenerationResult:
     """Generate from a batch of prompts (token-id lists, ragged allowed, or strings).
 
-    ``mode``: ``"ar"``, ``"diffusion"`` (block diffusion) or ``"spec"`` (linear self-speculation).
+    ``mode``: ``"ar"``, ``"diffusion"`` (block diffusion), ``"spec"`` (linear self-speculation) or
+    ``"spec_quadratic"`` (quadratic self-speculation: each forward verifies the previous draft
+    and drafts the next block for every acceptance length).
     ``block_length`` defaults to the checkpoint's ``generation_config.json`` or ``block_size``.
     ``threshold``: ``"auto"`` means the checkpoint's ``generation_config.json`` threshold (else
     NVIDIA's 0.9) in diffusion and 0.0 (one-shot drafts) in spec; ``None`` in diffusion is
@@ -157,10 +163,9 @@ def generate(model: NLDModel, prompts, mode: str = "ar", max_new_tokens: int = 1
     """
     s = resolve_settings(model, mode, max_new_tokens, block_length, threshold, temperature, use_lora, top_p, top_k)
     ids = validation.prompt_ids(prompts, vocab=model.config.vocab_size, tokenizer=model.tokenizer)
-    stops = [] if stop_token_ids is None else [validation.integer(t, f"stop_token_ids[{i}]", minimum=0,
-                                                                  maximum=model.config.vocab_size - 1)
-                                               for i, t in enumerate(stop_token_ids)]
+    stops = validation.token_ids(stop_token_ids, "stop_token_ids", vocab=model.config.vocab_size)
     seeds = validation.seed_value(seed, len(ids))
+    on_tokens = validation.callback(on_tokens, "on_tokens")
     longest = max(len(p) for p in ids)
     limit = model.config.max_position_embeddings
     needed = context_needed(longest, s.max_new_tokens, s.mode, s.block_length)
@@ -197,7 +202,9 @@ def generate(model: NLDModel, prompts, mode: str = "ar", max_new_tokens: int = 1
     size = cache_size_for(bucket, options)
     rank = None if lora is None else int(lora["A"].shape[-1])
     in_sh, out_sh = place.decode_shardings(model.config, host, batch, size, rank)
-    inputs = jax.tree.map(jnp.asarray, host) if in_sh is None else jax.tree.map(place.put, host, in_sh[3])
+    # device_put, not jnp.asarray: no eager program per input shape (which JAX would recompile after
+    # the program cache releases its caches)
+    inputs = jax.device_put(host) if in_sh is None else jax.tree.map(place.put, host, in_sh[3])
     cache_sh = None if out_sh is None else out_sh[1]
     alloc, _ = PROGRAMS.get(_empty_cache, (), static=dict(config=model.config, batch=batch, size=size,
                                                             dtype=jnp.dtype(model.dtype)),
@@ -235,7 +242,7 @@ def _first_rows(on_tokens, rows: int):
 
 def _scalar(place: Placement, value: int):
     host = np.int32(value)
-    return jnp.asarray(host) if place.mesh is None else place_global(host, replicated(place.mesh))
+    return jax.device_put(host) if place.mesh is None else place_global(host, replicated(place.mesh))
 
 
 def _pad_embeddings(embeddings, batch: int, bucket: int, dim: int) -> np.ndarray:

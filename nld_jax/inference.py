@@ -30,7 +30,7 @@ def block_logits_fn(params, lora, prefix, block, *, config: NLDConfig, runtime: 
     cache = KVCache.empty(config, B, P, params["embed_tokens"].dtype)
     _, k, v = forward_hidden(params, config, prefix, cache, pattern=BlockPattern.causal(B, P), uniform="causal",
                              runtime=runtime)
-    cache = cache.write(k, v).advance(jnp.full((B,), P, jnp.int32))
+    cache = cache.write(k, v, runtime=runtime).advance(jnp.full((B,), P, jnp.int32))
     hidden, _, _ = forward_hidden(params, config, block, cache, pattern=BlockPattern.bidirectional(B, C),
                                   uniform="bidirectional", lora=lora, runtime=runtime)
     return lm_head(params, config, hidden, runtime)
@@ -80,7 +80,7 @@ def block_logits(model: NLDModel, prefix, block, use_lora: bool = False, *, mesh
     if prefix.shape[1] + block.shape[1] > model.config.max_position_embeddings:
         raise ValueError(f"prefix of {prefix.shape[1]} + block of {block.shape[1]} tokens exceed the model's context "
                          f"of {model.config.max_position_embeddings}")
-    if use_lora and model.lora is None:
+    if validation.flag(use_lora, "use_lora") and model.lora is None:
         raise ValueError("use_lora=True but this checkpoint has no draft LoRA")
     place = Placement.for_model(model, mesh, rules)
     params, lora, p_sh, l_sh = place.weights(model)

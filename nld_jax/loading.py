@@ -1,29 +1,39 @@
-"""``nld_jax.load``: a checkpoint directory (or the embedded default) -> :class:`NLDModel`.
+"""``nld_jax.load``: a checkpoint directory, a hub repository id (or the embedded default) ->
+:class:`NLDModel`.
 
-One walk for both formats: read ``config.json`` once, derive every weight's sharding once
-(from the parameter declarations and the mesh, or the caller's tree, or the first device),
-then restore the tensors from NVIDIA's safetensors (:mod:`nld_jax.checkpoint.hf`) or from a
-converted Orbax checkpoint (:mod:`nld_jax.checkpoint.orbax`) straight into those shardings.
+One walk for both formats: resolve the directory (:mod:`nld_jax.checkpoint.hub`), open its
+files under the one trust rule (:class:`~nld_jax.checkpoint.files.CheckpointFiles`), read
+``config.json`` once, say which layout the directory holds (or what it lacks), derive every
+weight's sharding once (from the parameter declarations and the mesh, or the caller's tree, or
+the first device), then restore the tensors from NVIDIA's safetensors
+(:mod:`nld_jax.checkpoint.hf`) or from a converted Orbax checkpoint
+(:mod:`nld_jax.checkpoint.orbax`) straight into those shardings, refusing non-finite weights.
+``load(quantize="int8")`` quantizes each weight as soon as it is placed (one unquantized leaf
+on the device at a time); :func:`quantize` does the same to a model already in memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nld_jax import partitioning
-from nld_jax.checkpoint import hf, orbax
+from nld_jax import partitioning, quant
+from nld_jax.checkpoint import finite, hf, orbax
 from nld_jax.checkpoint.directory import GenerationDefaults, load_hf_config, read_generation_defaults
+from nld_jax.checkpoint.errors import CheckpointError
+from nld_jax.checkpoint.files import CheckpointFiles
+from nld_jax.checkpoint.hub import resolve_checkpoint
 from nld_jax.config import NLDConfig
-from nld_jax.params import flatten_tree, init_lora, init_params, param_specs
+from nld_jax.params import flatten_tree, init_lora, init_params, param_specs, quantized_leaves, tree_from_flat
 from nld_jax.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["NLDModel", "load", "random_model", "DEFAULT_CHECKPOINT", "resolve_dtype", "stored_dtype"]
+__all__ = ["NLDModel", "load", "quantize", "random_model", "DEFAULT_CHECKPOINT", "resolve_dtype", "stored_dtype",
+           "layout_of"]
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(__file__), "assets", "default-model")
 
@@ -59,23 +69,51 @@ class NLDModel:
 
     @property
     def dtype(self):
+        """The compute dtype (of a quantized model too: its weights stand in for this dtype)."""
         return self.params["embed_tokens"].dtype
 
+    @property
+    def quantization(self) -> quant.Quantization | None:
+        """The weights' quantization (scheme and compute dtype), None when they are not quantized."""
+        return quant.quantization_of(self.params)
 
-def stored_dtype(path: str | os.PathLike) -> str:
+
+def layout_of(files: CheckpointFiles) -> str:
+    """``"orbax"`` (converted by ``nld-convert``) or ``"hf"`` (NVIDIA's safetensors), or an error
+    that says what the directory looks like and what it lacks."""
+    if orbax.is_converted_dir(files):
+        return "orbax"
+    if files.exists(hf.INDEX_FILE) or files.exists(hf.SINGLE_FILE):
+        return "hf"
+    looks = orbax.looks_like_orbax(files)
+    if looks:
+        raise CheckpointError(f"{files.directory} looks like an Orbax checkpoint ({looks}) but has no "
+                              f"{orbax.METADATA_FILE}: nld-jax reads the Orbax checkpoints nld-convert writes "
+                              "(which carry it); convert the original safetensors with nld-convert")
+    pickles = [n for n in files.listdir() if n.endswith(hf.PICKLE_SUFFIXES)]
+    if pickles:
+        raise CheckpointError(f"{files.directory} holds only pickle weights ({', '.join(pickles)}); nld_jax "
+                              "never unpickles (it can run arbitrary code). Convert them to safetensors first.")
+    raise CheckpointError(f"{files.directory} holds no weights: neither {hf.SINGLE_FILE} nor {hf.INDEX_FILE} "
+                          f"(NVIDIA's layout), nor {orbax.PARAMS_ITEM}/ with {orbax.METADATA_FILE} (nld-convert's "
+                          "Orbax layout)")
+
+
+def stored_dtype(path: str | os.PathLike | CheckpointFiles) -> str:
     """The dtype a checkpoint stores its weights in, as the model dtype to load them in
     (``"bfloat16"``, else ``"float32"``: float16 and float64 weights run in float32)."""
-    path = os.fspath(path)
-    if orbax.is_converted_dir(path):
-        leaves = orbax.open_item(os.path.join(path, orbax.PARAMS_ITEM))
-        if "embed_tokens" not in leaves:
-            raise hf.CheckpointError(f"{path}: no array 'embed_tokens' in {orbax.PARAMS_ITEM}/")
-        dtype = np.dtype(leaves["embed_tokens"].dtype.numpy_dtype)
+    files = CheckpointFiles.of(path)
+    if layout_of(files) == "orbax":
+        leaves = orbax.open_item(files.subdirectory(orbax.PARAMS_ITEM))
+        # The final norm is never quantized: its dtype is the one a quantized checkpoint computes in.
+        if "norm" not in leaves:
+            raise CheckpointError(f"{files.shown(orbax.PARAMS_ITEM)}: no array 'norm'")
+        dtype = np.dtype(leaves["norm"].dtype.numpy_dtype)
     else:
-        ckpt = hf.HFCheckpoint(path)
+        ckpt = hf.HFCheckpoint(files)
         key = "encoder.embed_tokens.weight"
         if key not in ckpt:
-            raise hf.CheckpointError(f"{path}: missing tensor {key!r}")
+            raise CheckpointError(f"{files.directory}: missing tensor {key!r}")
         dtype = np.dtype(ckpt.dtype(key))
     return "bfloat16" if dtype.name == "bfloat16" else "float32"
 
@@ -99,9 +137,11 @@ def _sharding_plan(config: NLDConfig, mesh, rules, shardings):
 
 
 def load(path: str | os.PathLike | None = None, dtype="float32", *, load_lora: bool = True,
-         load_tokenizer_files: bool = True, mesh=None, rules=None, shardings=None) -> NLDModel:
-    """Load an NLD checkpoint directory (NVIDIA's HF layout, or one converted by ``nld-convert``)
-    or the embedded default (``path=None``).
+         load_tokenizer_files: bool = True, mesh=None, rules=None, shardings=None,
+         check_finite: bool | None = None, quantize: str | None = None) -> NLDModel:
+    """Load an NLD checkpoint directory (NVIDIA's HF layout, or one converted by ``nld-convert``),
+    a Hugging Face repository id (``"nvidia/Nemotron-Labs-Diffusion-8B"``: a local directory of
+    that name wins; see :mod:`nld_jax.checkpoint.hub`) or the embedded default (``path=None``).
 
     ``dtype`` is the compute and storage dtype of the weights (bf16 on disk is upcast for
     float32; None keeps the stored dtype). The draft LoRA of ``linear_spec_lora/`` stays float32
@@ -111,25 +151,63 @@ def load(path: str | os.PathLike | None = None, dtype="float32", *, load_lora: b
     weight straight into its sharding under ``rules`` (default :data:`nld_jax.partitioning.DEFAULT_RULES`),
     and the LoRA into its own; ``shardings`` (a tree like the weights) overrides the derived
     ones. In a multi-process run each process reads only its own devices' slices.
+
+    ``quantize`` ("int8" or "fp8"): every matmul weight and the embedding are quantized per
+    output channel as they are placed (:mod:`nld_jax.quant`; ``dtype`` is then the compute dtype,
+    and the result equals ``quantize(load(...))`` exactly). A checkpoint written by
+    ``nld-convert --quantize`` loads quantized without it; asking to quantize it again is an error.
+
+    ``check_finite``: a NaN or Inf in any weight raises a :class:`CheckpointError` naming the
+    tensor. None (default): checked when the weights, in ``dtype``, take at most
+    :data:`nld_jax.checkpoint.finite.DEFAULT_LIMIT_BYTES` (1 GiB), where it costs little.
+
+    Everything read from the directory goes through :class:`CheckpointFiles` (plain names,
+    symlinks only inside it or into the hub cache's blobs, regular files only); every error
+    names the file.
     """
-    path = DEFAULT_CHECKPOINT if path is None else os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    dt = resolve_dtype(stored_dtype(path) if dtype is None else dtype)
-    config = load_hf_config(path)
+    scheme = None if quantize is None else quant.scheme(quantize).name
+    files = CheckpointFiles(DEFAULT_CHECKPOINT if path is None else resolve_checkpoint(path))
+    layout = layout_of(files)
+    config = load_hf_config(files)
+    dt = resolve_dtype(stored_dtype(files) if dtype is None else dtype)
+    if check_finite is None:
+        check_finite = finite.default_on(config.num_params() * np.dtype(dt).itemsize)
     param_sharding_of, lora_sharding_of = _sharding_plan(config, mesh, rules, shardings)
-    converted = orbax.is_converted_dir(path)
-    if converted:
-        orbax.read_metadata(path)  # format and version
-        params = orbax.read_params(path, config, dt, param_sharding_of)
-        rank = orbax.lora_rank(path) if load_lora else None
-        lora = orbax.read_lora(path, config, lora_sharding_of(rank)) if rank else None
+    finish = None
+    if scheme is not None:
+        qleaves = quantized_leaves(config)
+
+        def finish(leaf, x):  # right after the leaf is placed (and checked): one bf16/f32 leaf at a time
+            return quant.quantize_placed(x, qleaves[leaf], scheme) if leaf in qleaves else x
+    if layout == "orbax":
+        stored = orbax.quantization_of_metadata(orbax.read_metadata(files), files)  # also checks format, version
+        if stored is not None and scheme is not None:
+            raise ValueError(f"{files.directory} is already quantized ({stored}); load it without quantize= "
+                             "(its weights load as stored), or quantize the unquantized checkpoint it was made from")
+        params = orbax.read_params(files, config, dt, param_sharding_of, check_finite, quantized=stored,
+                                   finish=finish)
+        rank = orbax.lora_rank(files) if load_lora else None
+        lora = orbax.read_lora(files, config, lora_sharding_of(rank), check_finite) if rank else None
     else:
-        params = hf.read_hf_params(path, config, dt, param_sharding_of)
-        rank = hf.hf_lora_rank(path) if load_lora else None
-        lora = hf.read_hf_lora(path, config, lora_sharding_of(rank)) if rank else None
-    tok = load_tokenizer(path, config.bos_token_id, config.eos_token_id) if load_tokenizer_files else None
-    return NLDModel(config, params, lora, tok, path, read_generation_defaults(path))
+        params = hf.read_hf_params(files, config, dt, param_sharding_of, check_finite, finish=finish)
+        rank = hf.hf_lora_rank(files) if load_lora else None
+        lora = hf.read_hf_lora(files, config, lora_sharding_of(rank), check_finite) if rank else None
+    tok = load_tokenizer(files, config.bos_token_id, config.eos_token_id) if load_tokenizer_files else None
+    return NLDModel(config, params, lora, tok, files.directory, read_generation_defaults(files))
+
+
+def quantize(model: NLDModel, scheme: str = "int8") -> NLDModel:
+    """``model`` with its matmul weights and embedding quantized per output channel ("int8" or
+    "fp8"; see :mod:`nld_jax.quant`): each leaf compiled in place on its own devices and
+    sharding. The norms keep the model's dtype (the compute dtype); the draft LoRA stays float32.
+    Quantizing a quantized model is an error (quantize the unquantized weights instead)."""
+    name = quant.scheme(scheme).name
+    quant.check_not_quantized(model.params)
+    qleaves = quantized_leaves(model.config)
+    flat = flatten_tree(model.params)
+    params = tree_from_flat({leaf: quant.quantize_placed(x, qleaves[leaf], name) if leaf in qleaves else x
+                             for leaf, x in flat.items()})
+    return dataclasses.replace(model, params=params)
 
 
 def random_model(config: NLDConfig, seed: int = 0, dtype="float32", lora_rank: int | None = None,

@@ -6,7 +6,9 @@ Every decode mode runs the same layers; only the attention pattern of the block 
 to write them into the cache (causal calls) or drop them (bidirectional calls).
 
 Static knobs come in one :class:`~nld_jax.runtime.Runtime` (kernels, mesh, rules): under a mesh
-each contraction's output is pinned to the sharding its logical axes imply.
+each contraction's output is pinned to the sharding its logical axes imply. Every weight
+contraction goes through :func:`nld_jax.quant.einsum` (and the embedding through
+:func:`nld_jax.quant.take`), so the same code runs on plain and on quantized weights.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from nld_jax import quant
 from nld_jax.attention import BlockPattern, decode_attention
 from nld_jax.config import NLDConfig
-from nld_jax.kv_cache import KVCache
+from nld_jax.kv_cache import KVCache, dequantize_kv
 from nld_jax.partitioning import mesh_size
 from nld_jax.rope import apply_rope, llama4_query_scale, rope_cos_sin
 from nld_jax.runtime import DEFAULT_RUNTIME, Runtime
@@ -55,14 +58,14 @@ def decoder_layer(config: NLDConfig, layer, x: jax.Array, cos, sin, q_scale, att
     attn_p, mlp_p = layer["self_attn"], layer["mlp"]
     with jax.named_scope("attention"):
         h = rms_norm(x, layer["input_layernorm"], eps)
-        q = runtime.constrain(jnp.einsum("btd,dhk->bthk", h, attn_p["q_proj"]), _Q)
-        k = runtime.constrain(jnp.einsum("btd,dhk->bthk", h, attn_p["k_proj"]), _KV)
-        v = runtime.constrain(jnp.einsum("btd,dhk->bthk", h, attn_p["v_proj"]), _KV)
+        q = runtime.constrain(quant.einsum("btd,dhk->bthk", h, attn_p["q_proj"]), _Q)
+        k = runtime.constrain(quant.einsum("btd,dhk->bthk", h, attn_p["k_proj"]), _KV)
+        v = runtime.constrain(quant.einsum("btd,dhk->bthk", h, attn_p["v_proj"]), _KV)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if q_scale is not None:  # llama-4 scale: queries only, after RoPE, never cached
             q = q * q_scale[:, :, None, None].astype(q.dtype)
         out = runtime.constrain(attend(q, k, v), _Q)
-        o = jnp.einsum("bthk,hkd->btd", out, attn_p["o_proj"])
+        o = quant.einsum("bthk,hkd->btd", out, attn_p["o_proj"])
         if lora is not None:
             # PEFT runs the adapter in the adapter's dtype (float32) and adds it to o_proj(x).
             low = jnp.einsum("bthk,hkr->btr", out.astype(jnp.float32), lora["A"])
@@ -74,9 +77,9 @@ def decoder_layer(config: NLDConfig, layer, x: jax.Array, cos, sin, q_scale, att
         x = runtime.constrain(x + o, _RESIDUAL)
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer["post_attention_layernorm"], eps)
-        gate = runtime.constrain(jnp.einsum("btd,df->btf", h, mlp_p["gate_proj"]), _MLP)
-        up = runtime.constrain(jnp.einsum("btd,df->btf", h, mlp_p["up_proj"]), _MLP)
-        x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, mlp_p["down_proj"])
+        gate = runtime.constrain(quant.einsum("btd,df->btf", h, mlp_p["gate_proj"]), _MLP)
+        up = runtime.constrain(quant.einsum("btd,df->btf", h, mlp_p["up_proj"]), _MLP)
+        x = x + quant.einsum("btf,fd->btd", jax.nn.silu(gate) * up, mlp_p["down_proj"])
         x = runtime.constrain(x, _RESIDUAL)
     return x, (k, v)
 
@@ -101,16 +104,18 @@ def scan_layers(params, config: NLDConfig, x: jax.Array, cos, sin, q_scale, atte
 
 
 def embed(params, tokens: jax.Array) -> jax.Array:
-    return jnp.take(params["embed_tokens"], tokens, axis=0)
+    return quant.take(params["embed_tokens"], tokens)
 
 
 def forward_hidden(params, config: NLDConfig, tokens: jax.Array, cache: KVCache, *, pattern: BlockPattern,
-                   uniform: str | None = None, lora=None, lora_gate=None, embeddings=None,
+                   uniform: str | None = None, lora=None, lora_gate=None, embeddings=None, offsets=None,
                    runtime: Runtime = DEFAULT_RUNTIME):
     """Run the layers over ``tokens [B, T]`` placed after each row's cached prefix.
 
     Returns ``(hidden [B, T, D] after the final norm, k_new, v_new [L, B, T, K, Dh])``. Positions
-    are absolute: ``cache.lengths[b] + arange(T)`` for RoPE and for the llama-4 query scale.
+    are absolute: ``cache.lengths[b] + offsets[b]`` (default ``arange(T)``: the block follows the
+    prefix) for RoPE and for the llama-4 query scale; structured blocks (quadratic
+    self-speculation) place several tokens at the same position.
     ``pattern`` is the block's own visibility (every query sees the row's valid cache prefix);
     ``uniform`` names it when the whole batch shares one static pattern. ``embeddings
     [B, T, D]`` (optional) replace the token embeddings where given (image features of a
@@ -118,30 +123,33 @@ def forward_hidden(params, config: NLDConfig, tokens: jax.Array, cache: KVCache,
     """
     T = tokens.shape[1]
     dtype = params["embed_tokens"].dtype
-    positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    if offsets is None:
+        offsets = jnp.arange(T, dtype=jnp.int32)[None, :]
+    positions = cache.lengths[:, None] + offsets
     cos, sin = rope_cos_sin(config, positions, dtype)
     q_scale = llama4_query_scale(config, positions)
 
-    def attend(q, k, v, cached):
-        ck, cv = cached
-        return decode_attention(q, k, v, ck.astype(dtype), cv.astype(dtype), cache.lengths, pattern,
-                                uniform=uniform, runtime=runtime)
+    def attend(q, k, v, cached):  # this layer's slice of the cache, in the compute dtype (an int8 one dequantized)
+        ck, cv, k_scale, v_scale = cached
+        ck, cv = dequantize_kv(ck, k_scale, dtype), dequantize_kv(cv, v_scale, dtype)
+        return decode_attention(q, k, v, ck, cv, cache.lengths, pattern, uniform=uniform, runtime=runtime)
 
     x = embed(params, tokens) if embeddings is None else embeddings.astype(dtype)
     x = runtime.constrain(x, _RESIDUAL)
-    x, (k_new, v_new) = scan_layers(params, config, x, cos, sin, q_scale, attend, (cache.k, cache.v), lora,
-                                    lora_gate, runtime=runtime)
+    per_layer = (cache.k, cache.v, cache.k_scale, cache.v_scale)
+    x, (k_new, v_new) = scan_layers(params, config, x, cos, sin, q_scale, attend, per_layer, lora, lora_gate,
+                                    runtime=runtime)
     return rms_norm(x, params["norm"], config.rms_norm_eps), k_new, v_new
 
 
 def head_weight(params, config: NLDConfig) -> jax.Array:
-    """The LM head as ``[D, V]`` (the embedding, transposed, when tied)."""
+    """The LM head as ``[D, V]`` (the embedding, transposed, when tied; quantized or not)."""
     return params["embed_tokens"].T if config.tie_word_embeddings else params["diffusion_head"]
 
 
 def lm_head(params, config: NLDConfig, hidden: jax.Array, runtime: Runtime = DEFAULT_RUNTIME) -> jax.Array:
     """Logits ``[..., V]`` in float32 (no scaling, no soft-cap)."""
-    logits = jnp.einsum("...d,dv->...v", hidden, head_weight(params, config), preferred_element_type=jnp.float32)
+    logits = quant.einsum("...d,dv->...v", hidden, head_weight(params, config), preferred_element_type=jnp.float32)
     if logits.ndim == 3:
         logits = runtime.constrain(logits, ("batch", "seq", "act_vocab"))
     return logits
@@ -153,9 +161,16 @@ def greedy_head(params, config: NLDConfig, hidden: jax.Array, *, with_confidence
 
     A kernel sees whole rows of the vocabulary and cannot combine vocabulary shards: with the
     head split over the vocabulary the XLA version runs (the partitioner splits it); otherwise
-    the kernel runs per batch shard.
+    the kernel runs per batch shard. The kernels take a dense ``[D, V]`` head: a quantized head
+    runs the XLA version (logits of the quantized matmul, then argmax), whatever ``runtime`` asks.
     """
     weight = head_weight(params, config)
+    if quant.is_quantized(weight):
+        logits = lm_head(params, config, hidden, runtime)
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if not with_confidence:
+            return tokens, None
+        return tokens, 1.0 / jnp.sum(jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), axis=-1)
     impl = resolve_greedy_head(runtime.implementation, hidden.shape[-1])
     if impl != "xla" and runtime.sharded:
         if mesh_size(runtime.mesh, runtime.rules.mesh_axes("vocab")) > 1:

@@ -21,6 +21,12 @@ a leading ``L`` axis so that the layer loop is a ``lax.scan``; matrices stored `
     norm                                  [D]
     diffusion_head                        [D, V]
 
+Each matrix also declares its ``contracting`` axes (the ``in`` axis of NVIDIA's ``[out, in]``):
+what a matmul sums over, and so what weight-only quantization (:mod:`nld_jax.quant`) takes one
+scale per output channel across. A quantized tree holds a :class:`~nld_jax.quant.QuantizedArray`
+(int8 / float8 ``w`` + float32 ``scale``) at those leaves; :func:`abstract_params` and the
+sharding rules derive its shapes and shardings from the same declarations.
+
 The draft LoRA (``o_proj`` only) is its own small tree: ``A [L, H, Dh, r]``, ``B [L, r, D]``
 and ``scale`` (a float32 scalar, alpha / r, from PEFT's ``adapter_config.json``).
 
@@ -37,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nld_jax import quant
 from nld_jax.config import NLDConfig
 
 __all__ = [
@@ -51,6 +58,7 @@ __all__ = [
     "tree_from_flat",
     "flatten_tree",
     "param_bytes",
+    "quantized_leaves",
 ]
 
 Params = dict[str, Any]
@@ -62,7 +70,8 @@ class ParamSpec:
 
     ``hf_key`` may contain ``{n}`` for the layer index; a spec with ``stacked=True`` gathers the
     ``L`` per-layer HF tensors into one array. ``to_ours`` maps one HF tensor (PyTorch ``[out, in]``)
-    to our per-layer layout; ``to_hf`` is its inverse.
+    to our per-layer layout; ``to_hf`` is its inverse. ``contracting``: the logical axes a matmul
+    with this weight sums over (HF's ``in``); empty for weights that are not matrices (norms).
     """
 
     shape: tuple[int, ...]
@@ -73,6 +82,7 @@ class ParamSpec:
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
     stacked: bool = False
+    contracting: tuple[str, ...] = ()
 
 
 def _identity(x):
@@ -112,32 +122,41 @@ def param_specs(config: NLDConfig) -> dict[str, ParamSpec]:
     o_t, mlp_t = _linear_in((H, Dh)), _linear((F,))
     down_t, head_t = _linear((D,)), _linear((V,))
 
-    def layer(shape, axes, init, key, hf_shape, t=(_identity, _identity)):
-        return ParamSpec((L, *shape), ("layers", *axes), init, lay + key, hf_shape, t[0], t[1], True)
+    def layer(shape, axes, init, key, hf_shape, t=(_identity, _identity), contracting=()):
+        return ParamSpec((L, *shape), ("layers", *axes), init, lay + key, hf_shape, t[0], t[1], True, contracting)
 
     specs = {
+        # A lookup table, and the LM head when tied: one scale per vocabulary row.
         "embed_tokens": ParamSpec((V, D), ("vocab", "embed"), "normal", "encoder.embed_tokens.weight",
-                                  (V, D), _identity, _identity),
+                                  (V, D), _identity, _identity, contracting=("embed",)),
         "layers.input_layernorm": layer((D,), ("embed",), "ones", "input_layernorm.weight", (D,)),
         "layers.self_attn.q_proj": layer((D, H, Dh), ("embed", "q_heads", "head_dim"), "normal",
-                                         "self_attn.q_proj.weight", (H * Dh, D), q_t),
+                                         "self_attn.q_proj.weight", (H * Dh, D), q_t, ("embed",)),
         "layers.self_attn.k_proj": layer((D, K, Dh), ("embed", "kv_heads", "head_dim"), "normal",
-                                         "self_attn.k_proj.weight", (K * Dh, D), kv_t),
+                                         "self_attn.k_proj.weight", (K * Dh, D), kv_t, ("embed",)),
         "layers.self_attn.v_proj": layer((D, K, Dh), ("embed", "kv_heads", "head_dim"), "normal",
-                                         "self_attn.v_proj.weight", (K * Dh, D), kv_t),
+                                         "self_attn.v_proj.weight", (K * Dh, D), kv_t, ("embed",)),
         "layers.self_attn.o_proj": layer((H, Dh, D), ("q_heads", "head_dim", "embed"), "normal",
-                                         "self_attn.o_proj.weight", (D, H * Dh), o_t),
+                                         "self_attn.o_proj.weight", (D, H * Dh), o_t, ("q_heads", "head_dim")),
         "layers.post_attention_layernorm": layer((D,), ("embed",), "ones",
                                                  "post_attention_layernorm.weight", (D,)),
-        "layers.mlp.gate_proj": layer((D, F), ("embed", "mlp"), "normal", "mlp.gate_proj.weight", (F, D), mlp_t),
-        "layers.mlp.up_proj": layer((D, F), ("embed", "mlp"), "normal", "mlp.up_proj.weight", (F, D), mlp_t),
-        "layers.mlp.down_proj": layer((F, D), ("mlp", "embed"), "normal", "mlp.down_proj.weight", (D, F), down_t),
+        "layers.mlp.gate_proj": layer((D, F), ("embed", "mlp"), "normal", "mlp.gate_proj.weight", (F, D), mlp_t,
+                                      ("embed",)),
+        "layers.mlp.up_proj": layer((D, F), ("embed", "mlp"), "normal", "mlp.up_proj.weight", (F, D), mlp_t,
+                                    ("embed",)),
+        "layers.mlp.down_proj": layer((F, D), ("mlp", "embed"), "normal", "mlp.down_proj.weight", (D, F), down_t,
+                                      ("mlp",)),
         "norm": ParamSpec((D,), ("embed",), "ones", "encoder.norm.weight", (D,), _identity, _identity),
     }
     if not c.tie_word_embeddings:
         specs["diffusion_head"] = ParamSpec((D, V), ("embed", "vocab"), "normal", "diffusion_head.weight",
-                                            (V, D), head_t[0], head_t[1])
+                                            (V, D), head_t[0], head_t[1], contracting=("embed",))
     return specs
+
+
+def quantized_leaves(config: NLDConfig) -> dict[str, tuple[int, ...]]:
+    """``{leaf: contracting axes as negative indices}`` of every weight a quantized tree quantizes."""
+    return quant.quantized_leaves(param_specs(config))
 
 
 LORA_PREFIX = "base_model.model."
@@ -163,10 +182,13 @@ def lora_axes(config: NLDConfig, rank: int) -> dict[str, tuple[tuple[str, ...], 
     return out
 
 
-# Logical axes of the KV cache's arrays (``nld_jax.kv_cache.KVCache``): [L, B, S, K, Dh] and [B].
+# Logical axes of the KV cache's arrays (``nld_jax.kv_cache.KVCache``): [L, B, S, K, Dh], [B] and,
+# for an int8 cache, the per-vector scales [L, B, S, K].
 CACHE_AXES = {"k": ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim"),
               "v": ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim"),
-              "lengths": ("batch",)}
+              "lengths": ("batch",),
+              "k_scale": ("layers", "batch", "cache_seq", "act_kv_heads"),
+              "v_scale": ("layers", "batch", "cache_seq", "act_kv_heads")}
 
 
 # --------------------------------------------------------------------------------------
@@ -197,9 +219,21 @@ def flatten_tree(tree: Params, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def abstract_params(config: NLDConfig, dtype=jnp.float32) -> Params:
-    """``jax.ShapeDtypeStruct`` tree: no memory is allocated."""
-    return tree_from_flat({p: jax.ShapeDtypeStruct(s.shape, dtype) for p, s in param_specs(config).items()})
+def abstract_params(config: NLDConfig, dtype=jnp.float32, quantization: quant.Quantization | None = None) -> Params:
+    """``jax.ShapeDtypeStruct`` tree (quantized leaves as :class:`~nld_jax.quant.QuantizedArray`
+    of them under ``quantization``): no memory is allocated."""
+    qleaves = quantized_leaves(config) if quantization is not None else {}
+    flat = {}
+    for path, spec in param_specs(config).items():
+        if path in qleaves:
+            storage = quant.scheme(quantization.scheme).storage
+            flat[path] = quant.QuantizedArray(
+                jax.ShapeDtypeStruct(spec.shape, storage),
+                jax.ShapeDtypeStruct(quant.scale_shape(spec.shape, qleaves[path]), jnp.float32),
+                qleaves[path], np.dtype(dtype))
+        else:
+            flat[path] = jax.ShapeDtypeStruct(spec.shape, dtype)
+    return tree_from_flat(flat)
 
 
 def _init_leaf(key, spec: ParamSpec, dtype, std: float):

@@ -19,6 +19,11 @@ that do divide and is replicated over the others, with a :class:`ShardingFallbac
 do not divide the tensor axis (K=8 on tensor=16, the tiny model's K=2 on tensor=4) are
 replicated over it; query heads stay sharded and the GQA grouping is re-derived by the
 partitioner; the KV cache then costs its full per-row size on every tensor shard.
+
+Quantized weights (:class:`~nld_jax.quant.QuantizedArray`): ``w`` takes the weight's own
+sharding, and its ``scale`` the same mesh axes on the output channels (none on the contracting
+axes it does not have: :func:`nld_jax.quant.scale_sharding`), so a scale always lives on the
+devices of the channels it scales.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from nld_jax import quant
 from nld_jax.config import NLDConfig
-from nld_jax.params import CACHE_AXES, lora_axes, param_specs, tree_from_flat
+from nld_jax.params import CACHE_AXES, lora_axes, param_specs, quantized_leaves, tree_from_flat
 
 __all__ = [
     "MESH_AXES", "BATCH_AXES", "ShardingError", "ShardingFallbackWarning", "ShardingRules", "DEFAULT_RULES",
@@ -168,10 +174,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def param_shardings(config: NLDConfig, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES,
-                    notes: list[str] | None = None) -> dict:
-    """``NamedSharding`` tree with the structure of the weights, from their declarations."""
-    return tree_from_flat({path: named_sharding(spec.axes, spec.shape, mesh, rules, what=path, notes=notes)
-                           for path, spec in param_specs(config).items()})
+                    notes: list[str] | None = None, quantization: quant.Quantization | None = None) -> dict:
+    """``NamedSharding`` tree with the structure of the weights, from their declarations (of a
+    quantized tree under ``quantization``: ``QuantizedArray(w sharding, scale sharding)`` leaves)."""
+    qleaves = quantized_leaves(config) if quantization is not None else {}
+    flat = {}
+    for path, spec in param_specs(config).items():
+        sharding = named_sharding(spec.axes, spec.shape, mesh, rules, what=path, notes=notes)
+        if path in qleaves:
+            sharding = quant.QuantizedArray(sharding, quant.scale_sharding(sharding, qleaves[path], len(spec.shape)),
+                                            qleaves[path], quantization.dtype)
+        flat[path] = sharding
+    return tree_from_flat(flat)
 
 
 def lora_shardings(config: NLDConfig, mesh: Mesh, rank: int, rules: ShardingRules = DEFAULT_RULES,
@@ -182,14 +196,20 @@ def lora_shardings(config: NLDConfig, mesh: Mesh, rank: int, rules: ShardingRule
 
 
 def cache_shardings(config: NLDConfig, mesh: Mesh, batch: int, size: int, rules: ShardingRules = DEFAULT_RULES,
-                    notes: list[str] | None = None):
-    """A :class:`nld_jax.kv_cache.KVCache` whose leaves are the shardings of ``k``, ``v`` and ``lengths``."""
+                    notes: list[str] | None = None, quantized: bool = False):
+    """A :class:`nld_jax.kv_cache.KVCache` whose leaves are the shardings of ``k``, ``v`` and ``lengths``
+    (and, for an int8 cache, of its scales)."""
     from nld_jax.kv_cache import KVCache
 
     shape = (config.L, batch, size, config.K, config.Dh)
+    scales = {}
+    if quantized:
+        scales = {name: named_sharding(CACHE_AXES[name], shape[:-1], mesh, rules, what=f"cache.{name}", notes=notes)
+                  for name in ("k_scale", "v_scale")}
     return KVCache(named_sharding(CACHE_AXES["k"], shape, mesh, rules, what="cache.k", notes=notes),
                    named_sharding(CACHE_AXES["v"], shape, mesh, rules, what="cache.v", notes=notes),
-                   named_sharding(CACHE_AXES["lengths"], (batch,), mesh, rules, what="cache.lengths", notes=notes))
+                   named_sharding(CACHE_AXES["lengths"], (batch,), mesh, rules, what="cache.lengths", notes=notes),
+                   **scales)
 
 
 def fallback_notes(config: NLDConfig, mesh, rules: ShardingRules = DEFAULT_RULES, batch: int | None = None,
@@ -223,19 +243,25 @@ def put_tree(tree, shardings):
     """Place a pytree of arrays onto matching shardings (arrays already there are kept).
 
     Arrays already global on the target mesh are resharded by XLA; host or single-device
-    arrays go through :func:`place_global`, which is what multi-process runs need.
+    arrays go through :func:`place_global`, which is what multi-process runs need. A quantized
+    weight given its unquantized weight's sharding gets the scale's derived from it.
     """
 
     def put(x, sharding):
         if x is None:
             return None
+        if isinstance(x, quant.QuantizedArray):
+            if not isinstance(sharding, quant.QuantizedArray):
+                sharding = quant.QuantizedArray(sharding, quant.scale_sharding(sharding, x.contracting, x.ndim),
+                                                x.contracting, x.dtype)
+            return quant.QuantizedArray(put(x.w, sharding.w), put(x.scale, sharding.scale), x.contracting, x.dtype)
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
         if isinstance(x, jax.Array) and (jax.process_count() == 1 or not x.is_fully_addressable):
             return jax.device_put(x, sharding)  # device to device
         return place_global(np.asarray(jax.device_get(x)), sharding)
 
-    return jax.tree.map(put, tree, shardings)
+    return jax.tree.map(put, tree, shardings, is_leaf=quant.is_quantized)
 
 
 def shardings_of(tree) -> Any:

@@ -15,7 +15,13 @@ position). Two XLA passes are then switched off (:data:`CPU_COMPILER_OPTIONS`):
 * constant folding: masks built only from static positions are compile-time constants; folding
   large ones on the host takes minutes at long contexts and changes no buffer size.
 
-Remaining CPU upcasts make the CPU temporaries an upper bound for GPU and TPU.
+Remaining CPU upcasts make the CPU temporaries an upper bound for GPU and TPU (a quantized plan
+included: XLA:CPU converts each int8 matrix to the compute dtype in a temporary before its dot,
+where GPU and TPU compilers fuse the convert into the matmul).
+
+``quantize`` plans int8 / fp8 weights (``w`` + per-channel float32 scales, each sharded as
+its declaration says), the weights counted at their stored size; ``kv_cache="int8"`` an int8 KV
+cache (with its per-vector scales).
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ from nld_jax.decode import MODES, DecodeInputs, DecodeOptions, cache_size_for, d
 from nld_jax.placement import Placement
 from nld_jax.kv_cache import KVCache
 from nld_jax.params import abstract_params, lora_axes
-from nld_jax.partitioning import DEFAULT_RULES, ShardingRules
+from nld_jax.partitioning import DEFAULT_RULES, ShardingRules, cache_shardings
+from nld_jax.quant import Quantization
 
-__all__ = ["DEVICES", "CPU_COMPILER_OPTIONS", "ModeReport", "plan", "fits"]
+__all__ = ["DEVICES", "CPU_COMPILER_OPTIONS", "MAX_ELEMENTS", "ModeReport", "check_extent", "plan", "fits"]
 
 # Usable memory per device (decimal GB as sold); a plan fits if it needs <= (1 - headroom) of it.
 DEVICES = {"h100": ("NVIDIA H100 80 GB", 80e9), "h200": ("NVIDIA H200 141 GB", 141e9),
@@ -80,11 +87,34 @@ def _abstract_inputs(batch: int, prompt_len: int) -> DecodeInputs:
                         top_k=rows_i, stop_ids=sds((batch, 1), jnp.int32), stream_id=None)
 
 
+# XLA refuses (and XLA:CPU aborts the process: "overflow in static extent product") an array of
+# 2**63 elements or more; byte counts of 2**61 float32 elements overflow too. Plans that large
+# describe no machine, so they are refused before anything is compiled.
+MAX_ELEMENTS = 2**60
+
+
+def check_extent(config: NLDConfig, *, batch: int, prompt_len: int, cache_len: int, width: int) -> None:
+    """Refuse shapes whose largest array, the attention scores ``[B, H, T, S]`` of the prefill
+    (T = the prompt) or of a step (T = a block), cannot exist."""
+    scores = batch * config.num_attention_heads * max(prompt_len, width) * cache_len
+    if scores >= MAX_ELEMENTS:
+        raise ValueError(f"batch {batch} x context {cache_len} is too large to plan: the attention scores alone "
+                         f"would hold {scores:.3g} elements per program (batch x {config.num_attention_heads} heads x "
+                         f"{max(prompt_len, width)} queries x {cache_len} keys; the compiler's limit is "
+                         f"{float(MAX_ELEMENTS):.3g})")
+
+
 def plan(config: NLDConfig, mesh, *, batch: int, prompt_len: int, max_new_tokens: int, block_length: int,
          lora_rank: int, dtype=jnp.bfloat16, modes=MODES, rules: ShardingRules = DEFAULT_RULES,
-         compiler_options=None) -> list[ModeReport]:
-    """Compile each mode's decode program for these shapes on ``mesh`` and measure it."""
-    place = Placement(mesh, rules)
+         compiler_options=None, quantize: str | None = None, kv_cache: str | None = None) -> list[ModeReport]:
+    """Compile each mode's decode program for these shapes on ``mesh`` and measure it;
+    ``quantize`` ("int8" / "fp8") plans quantized weights computing in ``dtype``."""
+    quantization = None if quantize is None else Quantization(quantize, dtype)
+    for mode in modes:
+        options = DecodeOptions(mode=mode, max_new_tokens=max_new_tokens, block_length=block_length)
+        check_extent(config, batch=batch, prompt_len=prompt_len, cache_len=cache_size_for(prompt_len, options),
+                     width=options.width)
+    place = Placement(mesh, rules, quantization)
     reports = []
     for mode in modes:
         rank = lora_rank if mode == "spec" and lora_rank else None
@@ -93,12 +123,19 @@ def plan(config: NLDConfig, mesh, *, batch: int, prompt_len: int, max_new_tokens
         size = cache_size_for(prompt_len, options)
         inputs = _abstract_inputs(batch, prompt_len)
         in_sh, out_sh = place.decode_shardings(config, inputs, batch, size, rank)
-        params = _abstract(abstract_params(config, dtype), in_sh[0])
+        cache_dtype = dtype
+        if kv_cache == "int8":
+            cache_dtype = jnp.int8
+            cache_sh = cache_shardings(config, mesh, batch, size, rules, quantized=True)
+            in_sh, out_sh = (*in_sh[:2], cache_sh, in_sh[3]), (out_sh[0], cache_sh)
+        elif kv_cache is not None:
+            raise ValueError(f"kv_cache must be None or 'int8', got {kv_cache!r}")
+        params = _abstract(abstract_params(config, dtype, quantization), in_sh[0])
         lora = None
         if rank:
             lora = _abstract({k: jax.ShapeDtypeStruct(shape, jnp.float32) for k, (_, shape) in
                               lora_axes(config, rank).items()}, in_sh[1])
-        cache = _abstract(jax.eval_shape(lambda: KVCache.empty(config, batch, size, dtype)), in_sh[2])
+        cache = _abstract(jax.eval_shape(lambda: KVCache.empty(config, batch, size, cache_dtype)), in_sh[2])
         args = (params, lora, cache, _abstract(inputs, in_sh[3]))
         start = time.perf_counter()
         fn = jax.jit(lambda *a: decode(*a, config=config, options=options, runtime=place.runtime("auto")),

@@ -3,9 +3,20 @@
 A program is compiled ahead of time (``jax.jit(...).lower(args).compile()``), so compilation is
 timed apart from generation, and it is keyed by everything that changes it: the function, its
 static arguments (config, options, runtime: kernels, mesh and rules), and every argument's
-tree structure, shapes, dtypes and shardings. The cache is LRU-bounded, and the bound is real:
-each entry owns its own jitted function object, which JAX's internal caches hold only weakly,
-so evicting an entry frees its executable and what JAX traced for it.
+tree structure, shapes, dtypes and shardings. The cache is LRU-bounded, and the bound is real
+in memory, not only in entries:
+
+* each program is compiled from its own jitted function object, which JAX's compilation caches
+  hold only weakly, and an entry keeps only the compiled executable, so evicting an entry frees
+  it (``tests/test_requests.py`` checks it with weak references and the backend's live
+  executables);
+* tracing a program also fills JAX's process-wide tracing caches (jaxprs of every inner
+  ``jnp`` call, keyed by shape, up to 4096 entries each): 1-8 MiB per new request shape, for
+  good, even once the program is gone. So an eviction also calls ``jax.clear_caches()``
+  (``release_jax_caches``, on by default). The programs held here are compiled already and keep
+  working; other jitted functions of the process retrace on their next call (the persistent
+  compilation cache, when enabled, spares them the XLA compile). Evictions only happen once
+  ``max_entries`` distinct programs are in use, when every miss costs a compile anyway.
 """
 
 from __future__ import annotations
@@ -33,11 +44,15 @@ def signature(tree) -> tuple:
 
 
 class ProgramCache:
-    def __init__(self, max_entries: int = 24):
+    def __init__(self, max_entries: int = 24, release_jax_caches: bool = True):
+        if not isinstance(max_entries, int) or isinstance(max_entries, bool) or max_entries < 1:
+            raise ValueError(f"max_entries must be an integer >= 1, got {max_entries!r}")
         self.max_entries = max_entries
+        self.release_jax_caches = release_jax_caches
         self._entries: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
         self.compilations = 0  # programs compiled so far (tests and benchmarks read it)
+        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -45,6 +60,8 @@ class ProgramCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+        if self.release_jax_caches:
+            jax.clear_caches()
 
     def get(self, fn: Callable, args: tuple, *, static: dict[str, Any] | None = None, in_shardings=None,
             out_shardings=None, donate_argnums: tuple[int, ...] = ()) -> tuple[Any, float]:
@@ -68,8 +85,13 @@ class ProgramCache:
         with self._lock:
             self._entries[key] = compiled
             self.compilations += 1
+            evicted = 0
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
+                evicted += 1
+            self.evictions += evicted
+        if evicted and self.release_jax_caches:
+            jax.clear_caches()  # see the module docstring: what tracing left behind, per shape
         return compiled, seconds
 
 

@@ -35,9 +35,12 @@ def parse_mesh(spec: str | Mapping[str, int] | None) -> dict[str, int]:
             if not sep:
                 raise ShardingError(f"mesh spec {spec!r}: expected name=size pairs such as 'data=4,tensor=2'")
             try:
-                items[name.strip()] = int(value)
+                size = int(value)
             except ValueError:
                 raise ShardingError(f"mesh spec {spec!r}: size of {name!r} is not an integer") from None
+            if name.strip() in items:
+                raise ShardingError(f"mesh spec {spec!r}: axis {name.strip()!r} is given twice")
+            items[name.strip()] = size
         spec = items
     unknown = sorted(set(spec) - set(MESH_AXES))
     if unknown:

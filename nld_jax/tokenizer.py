@@ -1,13 +1,16 @@
 """Tokenizers: ``tokenizer.json`` (HF ``tokenizers``) or a sentencepiece ``.model``, plus the chat
-template of ``tokenizer_config.json`` when present."""
+template of ``tokenizer_config.json`` (or ``chat_template.jinja``) when present. The files are
+read under the checkpoint's trust rule (:mod:`nld_jax.checkpoint.files`)."""
 
 from __future__ import annotations
 
 import datetime
-import glob
 import json
 import os
 from typing import Sequence
+
+from nld_jax.checkpoint.errors import CheckpointError
+from nld_jax.checkpoint.files import CheckpointFiles
 
 __all__ = ["Tokenizer", "load_tokenizer"]
 
@@ -74,40 +77,52 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False)
 
 
-def _read_json(path: str) -> dict:
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def _token_text(value) -> str | None:
+def _token_text(value, name: str, where: str) -> str:
     if isinstance(value, dict):  # AddedToken serialisation
-        return value.get("content")
+        value = value.get("content")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise CheckpointError(f"{where}: {name} must be a string or an AddedToken object, got {value!r:.80}")
     return value
 
 
-def load_tokenizer(directory: str | os.PathLike, bos_id: int | None = None,
-                   eos_id: int | None = None) -> Tokenizer | None:
-    """The tokenizer of a checkpoint directory, or None when it ships none."""
-    directory = os.fspath(directory)
-    cfg = _read_json(os.path.join(directory, "tokenizer_config.json"))
-    chat_template = cfg.get("chat_template")
-    template_file = os.path.join(directory, "chat_template.jinja")
-    if chat_template is None and os.path.exists(template_file):
-        with open(template_file) as f:
-            chat_template = f.read()
-    if isinstance(chat_template, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in chat_template}
-        chat_template = named.get("default") or next(iter(named.values()), None)
-    special = {name: _token_text(cfg.get(name)) or "" for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    add_bos = bool(cfg.get("add_bos_token", True))
+def _chat_template(value, where: str) -> str | None:
+    """The default template of ``chat_template`` (a string, or a list of ``{name, template}``)."""
+    if isinstance(value, list):  # [{"name": "default", "template": ...}, ...]
+        if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in value):
+            raise CheckpointError(f"{where}: chat_template must be a string or a list of {{name, template}} objects")
+        named = {t.get("name"): t["template"] for t in value}
+        value = named.get("default") or next(iter(named.values()), None)
+    if value is not None and not isinstance(value, str):
+        raise CheckpointError(f"{where}: chat_template must be a string, got {type(value).__name__}")
+    return value
 
-    tok_json = os.path.join(directory, "tokenizer.json")
-    if os.path.exists(tok_json):
+
+def load_tokenizer(directory: str | os.PathLike | CheckpointFiles, bos_id: int | None = None,
+                   eos_id: int | None = None) -> Tokenizer | None:
+    """The tokenizer of a checkpoint directory, or None when it ships none. Every file is read
+    through :class:`CheckpointFiles`; the backends get its bytes, never a path to open."""
+    files = CheckpointFiles.of(directory)
+    config_name = "tokenizer_config.json"
+    where = files.shown(config_name)
+    cfg = files.read_json_object(config_name) if files.exists(config_name) else {}
+    chat_template = _chat_template(cfg.get("chat_template"), where)
+    if chat_template is None and files.exists("chat_template.jinja"):
+        chat_template = files.read_text("chat_template.jinja")
+    special = {name: _token_text(cfg.get(name), name, where) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    add_bos = cfg.get("add_bos_token", True)
+    if not isinstance(add_bos, bool):
+        raise CheckpointError(f"{where}: add_bos_token must be true or false, got {add_bos!r:.80}")
+
+    if files.exists("tokenizer.json"):
         from tokenizers import Tokenizer as HFTokenizer
 
-        backend = HFTokenizer.from_file(tok_json)
+        text = files.read_text("tokenizer.json")
+        try:
+            backend = HFTokenizer.from_str(text)
+        except Exception as e:  # the Rust library raises a bare Exception for a malformed file
+            raise CheckpointError(f"{files.shown('tokenizer.json')} is not a valid tokenizer ({str(e)[:200]})") from None
 
         def token_id(name):
             text = special.get(name)
@@ -118,11 +133,15 @@ def load_tokenizer(directory: str | os.PathLike, bos_id: int | None = None,
                          eos_id=eos_id if eos_id is not None else token_id("eos_token"),
                          add_bos=add_bos, chat_template=chat_template, special_tokens=special)
 
-    sp_models = sorted(glob.glob(os.path.join(directory, "*.model")))
+    sp_models = [name for name in files.listdir() if name.endswith(".model")]
     if sp_models:
         import sentencepiece as spm
 
-        backend = spm.SentencePieceProcessor(model_file=sp_models[0])
+        backend, proto = spm.SentencePieceProcessor(), files.read_bytes(sp_models[0])
+        try:
+            backend.LoadFromSerializedProto(proto)
+        except (RuntimeError, OSError, TypeError) as e:
+            raise CheckpointError(f"{files.shown(sp_models[0])} is not a valid sentencepiece model ({e})") from None
         sp_bos = backend.bos_id() if backend.bos_id() >= 0 else None
         sp_eos = backend.eos_id() if backend.eos_id() >= 0 else None
         return Tokenizer(backend, "sentencepiece",

@@ -87,11 +87,13 @@ def rows_as_queries(rows, T: int, H: int):
 
 
 def positions_as_rows(x, group: int, rows_padded: int):
-    """A per-position ``x [B, T]`` on the row axis of :func:`queries_as_rows`: ``[B, rows_padded]``
-    with row ``t * group + g`` holding ``x[:, t]``. Padding rows repeat the last position: they
-    then see no key it does not, so they neither widen a tile's key range nor empty a softmax."""
+    """A per-position ``x [B, T, ...]`` on the row axis of :func:`queries_as_rows`:
+    ``[B, rows_padded, ...]`` with row ``t * group + g`` holding ``x[:, t]``. Padding rows repeat
+    the last position: they then see no key it does not, so they neither add a key tile to their
+    query tile nor empty a softmax."""
     rows = jnp.repeat(x, group, axis=1)
-    return jnp.pad(rows, ((0, 0), (0, rows_padded - rows.shape[1])), mode="edge")
+    pad = ((0, 0), (0, rows_padded - rows.shape[1])) + ((0, 0),) * (x.ndim - 2)
+    return jnp.pad(rows, pad, mode="edge")
 
 
 def merge_partials(acc, m, l, axis: int):

@@ -2,7 +2,10 @@
 
 A static mask (the training ``block_diff`` layout) is summarised once per tile size as a table
 of kinds: ``EMPTY`` (skip the tile), ``PARTIAL`` (apply the element mask) or ``FULL`` (no mask
-needed), compressed per query tile (forward, dQ) and per key tile (dK/dV).
+needed), compressed per query tile (forward, dQ) and per key tile (dK/dV), on the host.
+
+A mask that is data (the decode ``BlockPattern``) is compressed the same way inside the program:
+:func:`visit_lists` turns a traced "tile holds a visible key" table into per-tile lists.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["EMPTY", "PARTIAL", "FULL", "BlockSparseInfo", "cdiv"]
+__all__ = ["EMPTY", "PARTIAL", "FULL", "BlockSparseInfo", "cdiv", "visit_lists"]
 
 # Kinds of a (query tile, key tile) pair.
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -67,3 +72,16 @@ def _compress(kind: np.ndarray):
     return index, kinds, counts
 
 
+def visit_lists(visited: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The traced counterpart of the host compression: ``visited [..., n]`` bool (tile holds a
+    visible key) -> ``(index [..., n], count [...])`` int32, the visited tiles in ascending order,
+    padded by repeating the last one (as :class:`BlockSparseInfo` pads), and how many there are.
+
+    A stable sort on "not visited" puts the visited tiles first, in ascending order (a list has
+    one entry per key tile: a small sort, once per call, outside the kernel).
+    """
+    n = visited.shape[-1]
+    count = jnp.sum(visited, axis=-1, dtype=jnp.int32)
+    order = jnp.argsort(~visited, axis=-1, stable=True).astype(jnp.int32)
+    last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+    return jnp.where(jnp.arange(n, dtype=jnp.int32) < count[..., None], order, last), count

@@ -30,6 +30,52 @@ def key_extent(visible) -> np.ndarray:
     return np.where(visible, np.arange(1, visible.shape[-1] + 1), 0).max(axis=-1)
 
 
+def quadratic_visible(block_lengths, width: int) -> np.ndarray:
+    """``[B, W, W]`` block visibility of quadratic self-speculation, from its description (row b
+    has block length ``C = block_lengths[b]``): the seed and C-1 drafts (positions ``0..C-1``) are
+    causal; group j (the C positions from ``C + j*C``) sees the seed, drafts 1..j and itself;
+    positions past ``C + C*C`` are padding and see only themselves."""
+    out = np.zeros((len(block_lengths), width, width), bool)
+    for b, C in enumerate(block_lengths):
+        for t in range(width):
+            if t < C:
+                out[b, t, :t + 1] = True
+            elif t < C + C * C:
+                j = (t - C) // C
+                out[b, t, :j + 1] = True
+                out[b, t, C + j * C:C + (j + 1) * C] = True
+            else:
+                out[b, t, t] = True
+    return out
+
+
+def tile_visible(visible, group: int, block_q: int, block_kv: int) -> np.ndarray:
+    """``[B, n_q, n_kt]``: whether query tile i sees any key of key tile kt, for ``visible [B, T, T]``
+    on the kernels' query-row axis (row ``t * group + g`` is position t; ``block_q`` rows a tile)."""
+    visible = np.asarray(visible, bool)
+    B, T, _ = visible.shape
+    n_q, n_kt = -(-T * group // block_q), -(-T // block_kv)
+    out = np.zeros((B, n_q, n_kt), bool)
+    for i in range(n_q):
+        positions = np.arange(i * block_q, min((i + 1) * block_q, T * group)) // group
+        for kt in range(n_kt):
+            out[:, i, kt] = visible[:, positions, kt * block_kv:(kt + 1) * block_kv].any(axis=(1, 2))
+    return out
+
+
+def extent_tiles(visible, group: int, block_q: int, block_kv: int) -> np.ndarray:
+    """``[B, n_q]``: key tiles a query tile visits when it visits every tile up to the largest key
+    one of its rows sees (the bound before tile lists): the count that lists are measured against."""
+    extent = key_extent(visible)
+    B, T = extent.shape
+    n_q = -(-T * group // block_q)
+    out = np.zeros((B, n_q), int)
+    for i in range(n_q):
+        positions = np.arange(i * block_q, min((i + 1) * block_q, T * group)) // group
+        out[:, i] = -(-extent[:, positions].max(axis=1) // block_kv)
+    return out
+
+
 def decode_attention(q, k, v, cache_k, cache_v, lengths, visible):
     """``(out [B, T, H, Dh], weighted |v| [B, T, H, Dh])`` in float64.
 

@@ -8,6 +8,7 @@ test_training_sharded.py.
 from __future__ import annotations
 
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -35,17 +36,26 @@ def test_a_one_dimensional_prompt_is_one_prompt(tiny, cases, make):
 
 def test_concurrent_streams_get_their_own_tokens(tiny, cases):
     """Bug: the streaming listener was process-global, so two generations in two threads got each
-    other's tokens. Each stream must deliver exactly its own result."""
+    other's tokens. Generation 0's listener is slow (it sleeps), so generation 1 runs while 0 is
+    still streaming; each stream must deliver exactly its own result."""
     prompts = [cases["prompts"]["batch"]["ids"][0][:20], cases["prompts"]["batch"]["ids"][1][:11]]
     nld_jax.generate(tiny, [prompts[0]], mode="ar", max_new_tokens=24, on_tokens=lambda r, t: None)  # compile
     streams: list[list[int]] = [[], []]
     results = [None, None]
-    barrier = threading.Barrier(2)
+    started = threading.Event()
+
+    def listener(i):
+        def on_tokens(row, new):
+            if i == 0:
+                started.set()
+                time.sleep(0.02)
+            streams[i].extend(new)
+        return on_tokens
 
     def run(i):
-        barrier.wait()
-        results[i] = nld_jax.generate(tiny, [prompts[i]], mode="ar", max_new_tokens=24,
-                                      on_tokens=lambda row, new: streams[i].extend(new))
+        if i == 1:
+            started.wait(timeout=60)
+        results[i] = nld_jax.generate(tiny, [prompts[i]], mode="ar", max_new_tokens=24, on_tokens=listener(i))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
@@ -56,6 +66,20 @@ def test_concurrent_streams_get_their_own_tokens(tiny, cases):
     assert results[0].tokens[0] != results[1].tokens[0]  # the two generations differ: a mix-up would show
     for i in range(2):
         assert streams[i] == results[i].tokens[0], i
+
+
+def test_listeners_are_routed_by_stream_id():
+    """The mechanism itself: two listeners registered at once each receive only the snapshots
+    tagged with their own stream id."""
+    from nld_jax.decode.listeners import TokenStream, _host_emit, listening
+
+    got = {0: [], 1: []}
+    streams = [TokenStream(lambda row, new, i=i: got[i].extend(new)) for i in range(2)]
+    with listening(streams[0]) as id0, listening(streams[1]) as id1:
+        assert id0 != id1
+        _host_emit(np.int32(id1), np.asarray([[7, 8, 9]]), np.asarray([2]))
+        _host_emit(np.int32(id0), np.asarray([[4, 5, 6]]), np.asarray([3]))
+    assert got == {0: [4, 5, 6], 1: [7, 8]}
 
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion"])

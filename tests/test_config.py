@@ -90,3 +90,41 @@ def test_yarn_constants_match_nvidia_selfcheck(golden_dir):
 def test_yarn_attention_factor_default_when_mscale_absent():
     rope = RopeConfig(factor=16.0, mscale=None, mscale_all_dim=None)
     assert yarn_attention_factor(rope) == pytest.approx(0.1 * math.log(16.0) + 1.0)
+
+
+@pytest.mark.parametrize("change,check", [
+    ({"num_hidden_layers": 1024}, lambda c: c.num_hidden_layers == 1024),
+    ({"eos_token_id": [2, 7]}, lambda c: c.eos_token_id == 2),
+    ({"bos_token_id": None, "eos_token_id": []}, lambda c: c.bos_token_id is None and c.eos_token_id is None),
+    ({"num_key_value_heads": None, "head_dim": None}, lambda c: (c.num_key_value_heads, c.head_dim) == (4, 16)),
+    ({"tie_word_embeddings": None, "block_size": None}, lambda c: not c.tie_word_embeddings and c.block_size == 32),
+    ({"rms_norm_eps": 1}, lambda c: c.rms_norm_eps == 1.0),
+    ({"partial_rotary_factor": 1.0, "attention_bias": None}, lambda c: True),
+])
+def test_edges_that_real_configs_may_hold_are_accepted(golden_dir, change, check):
+    hf = _golden_hf(golden_dir)
+    hf.update(change)
+    assert check(config_from_hf(hf))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("num_hidden_layers", 8.7), ("num_hidden_layers", 8.0), ("num_hidden_layers", "8"), ("num_hidden_layers", True),
+    ("num_hidden_layers", 1025), ("vocab_size", 2**24 + 1), ("intermediate_size", -1), ("head_dim", 30.0),
+    ("max_position_embeddings", 0), ("rms_norm_eps", -1e-5), ("rms_norm_eps", float("inf")), ("mask_token_id", 3.0),
+    ("block_size", 0), ("tie_word_embeddings", 0), ("partial_rotary_factor", True), ("attention_bias", 0)])
+def test_types_and_ranges_are_refused_naming_field_and_value(golden_dir, field, value):
+    hf = _golden_hf(golden_dir)
+    hf[field] = value
+    with pytest.raises(ConfigError, match=field) as info:
+        config_from_hf(hf)
+    assert repr(value) in str(info.value)
+
+
+def test_rope_values_are_checked(golden_dir):
+    for field, value in (("rope_theta", 1.0), ("factor", 0.9), ("beta_slow", 0), ("truncate", "no"),
+                         ("original_max_position_embeddings", 32.5), ("llama_4_scaling_beta", -0.1),
+                         ("mscale", float("nan"))):
+        hf = _golden_hf(golden_dir)
+        hf["rope_parameters"][field] = value
+        with pytest.raises(ConfigError, match=field):
+            config_from_hf(hf)

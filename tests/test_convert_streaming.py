@@ -1,7 +1,9 @@
-"""The streaming machinery: layout views, chunk walks, blocked copies, chunk shapes, bounded memory."""
+"""The streaming machinery: layout views, chunk walks, blocked copies, chunk shapes, bounded memory,
+and the finiteness check every streamed chunk goes through."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import subprocess
@@ -11,12 +13,13 @@ import numpy as np
 import pytest
 
 import nld_jax
+from nld_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from nld_jax.config import PRESETS
 from nld_jax.params import lora_specs, param_specs
 
 from checkpoints_convert import convert_hf_to_orbax, convert_orbax_to_hf
 from checkpoints_convert.orbax_io import chunk_shape
-from checkpoints_convert.streaming import chunk_blocks, copy_blocked
+from checkpoints_convert.streaming import FiniteCheck, chunk_blocks, copy_blocked, first_non_finite
 from checkpoints_convert.testing import hf_dir_tensors
 from checkpoints_convert.to_hf import is_dense_layout
 
@@ -140,3 +143,128 @@ def test_peak_memory_is_about_one_tensor(tmp_path):
     print(f"peak RSS MiB: imports {base:.0f}, convert {fwd:.0f}, reverse {rev:.0f}; largest tensor {largest_mb:.0f}")
     assert fwd - base < 1.5 * largest_mb + 200, (base, fwd, largest_mb)
     assert rev - base < 1.5 * largest_mb + 200, (base, rev, largest_mb)
+
+
+_RSS_CAP_MB = 600
+
+
+def test_config_claiming_ten_million_layers_is_refused_in_bounded_memory(tmp_path):
+    """Nothing config-sized (key maps, ledgers, writers) is built before the source's tensors are
+    compared with config.json: a config claiming 10^7 layers once grew nld-convert past 10 GB.
+    The child is killed as soon as its peak RSS passes the cap, so a regression fails fast."""
+    import json
+    import shutil
+    import time
+
+    src = pathlib.Path(shutil.copytree(TINY, tmp_path / "src", ignore=shutil.ignore_patterns("golden")))
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10_000_000}))
+    proc = subprocess.Popen([sys.executable, "-m", "checkpoints_convert", str(src), str(tmp_path / "dst"),
+                             "--no-progress"], env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak_mb, deadline = 0.0, time.time() + 120
+    while proc.poll() is None and peak_mb <= _RSS_CAP_MB and time.time() < deadline:
+        with contextlib.suppress(OSError, IndexError):
+            status = open(f"/proc/{proc.pid}/status").read()
+            peak_mb = max(peak_mb, int(status.split("VmHWM:")[1].split()[0]) / 1024)
+        time.sleep(0.02)
+    if proc.poll() is None:
+        proc.kill()
+    _, err = proc.communicate()
+    assert peak_mb <= _RSS_CAP_MB, f"peak RSS {peak_mb:.0f} MB"
+    assert proc.returncode == 1, err
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "10000000" in lines[0] and "config.json" in lines[0], lines
+    assert os.listdir(tmp_path) == ["src"]
+
+
+# ------------------------------------------------------------------------------------------
+# Non-finite weights: refused while streaming, by tensor, layer and index
+# ------------------------------------------------------------------------------------------
+
+def test_finite_check_finds_every_non_finite_bit_pattern():
+    import ml_dtypes
+
+    for dtype in (ml_dtypes.bfloat16, np.float16, np.float32, np.float64):
+        info = ml_dtypes.finfo(dtype)
+        a = np.array([0, -0.0, info.max, -info.max, info.tiny, info.smallest_subnormal, 1, -1], dtype)
+        assert FiniteCheck(piece_bytes=4)(a), dtype
+        for bad in (np.nan, -np.nan, np.inf, -np.inf):
+            b = a.copy()
+            b[5] = bad
+            assert FiniteCheck(piece_bytes=4).first_bad(b) == 5, (dtype, bad)
+        payload = a.copy().view(f"u{a.itemsize}")  # a NaN with another payload, sign bit set
+        payload[3] = np.array(-np.nan, dtype).view(payload.dtype) | 1
+        assert FiniteCheck(piece_bytes=4).first_bad(payload.view(dtype)) == 3
+    assert first_non_finite(np.array([[0, 1], [np.inf, 0]], np.float32)) == (1, 0)
+
+
+def _tiny_copy(tmp_path) -> pathlib.Path:
+    import shutil
+
+    return pathlib.Path(shutil.copytree(TINY, tmp_path / "src", ignore=shutil.ignore_patterns("golden")))
+
+
+def _plant(path: pathlib.Path, key: str, index: tuple[int, ...], value: float) -> None:
+    st = SafetensorsFile(path)
+    tensors = {k: np.array(st.get(k)) for k in st.keys()}
+    metadata = st.metadata
+    st.close()
+    tensors[key][index] = value
+    write_safetensors(path, tensors, metadata)
+
+
+NON_FINITE = {  # case -> (file, tensor, index, value, layer text)
+    "nan-in-a-layer": ("model.safetensors", "encoder.layers.1.mlp.up_proj.weight", (3, 5), np.nan, "(layer 1)"),
+    "minus-inf-in-the-head": ("model.safetensors", "diffusion_head.weight", (7, 2), -np.inf, ""),
+    "inf-in-the-lora": ("linear_spec_lora/adapter_model.safetensors",
+                        "base_model.model.encoder.layers.0.self_attn.o_proj.lora_B.weight", (1, 1), np.inf,
+                        "(layer 0)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NON_FINITE))
+def test_non_finite_weight_is_refused_by_name_and_nothing_changes(tmp_path, capsys, case):
+    from checkpoints_convert.cli import main
+
+    rel, key, index, value, layer = NON_FINITE[case]
+    src = _tiny_copy(tmp_path)
+    _plant(src / rel, key, index, value)
+    dst = tmp_path / "out" / "dst"
+    dst.mkdir(parents=True)
+    (dst / "old.txt").write_text("old")
+    assert main([str(src), str(dst), "--overwrite", "--no-progress"]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    for part in (str(src / rel), repr(key), layer, "NaN or Inf", str(list(index))):
+        assert part in line, (part, line)
+    assert sorted(os.listdir(tmp_path / "out")) == ["dst"] and os.listdir(dst) == ["old.txt"]
+
+
+def test_non_finite_in_a_converted_checkpoint_is_refused_by_reverse(tmp_path, capsys):
+    from checkpoints_convert.cli import main
+
+    rel, key, index, value, layer = NON_FINITE["nan-in-a-layer"]
+    src = _tiny_copy(tmp_path)
+    _plant(src / rel, key, index, value)
+    convert_hf_to_orbax(src, tmp_path / "orbax", progress=False, check_finite=False)  # to inspect it, say
+    assert main([str(tmp_path / "orbax"), str(tmp_path / "hf"), "--reverse", "--no-progress"]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    for part in (str(tmp_path / "orbax" / "params"), repr(key), layer, str(list(index))):
+        assert part in line, (part, line)
+    assert sorted(os.listdir(tmp_path)) == ["orbax", "src"]
+
+
+def test_cast_that_overflows_is_refused(tmp_path):
+    """float32 beyond bfloat16's range becomes Inf in a --dtype bfloat16 conversion."""
+    from nld_jax.checkpoint.hf import CheckpointError
+
+    src = _tiny_copy(tmp_path)
+    st = SafetensorsFile(src / "model.safetensors")
+    tensors = {k: np.array(st.get(k)).astype(np.float32) for k in st.keys()}
+    st.close()
+    tensors["encoder.layers.0.self_attn.q_proj.weight"][2, 3] = 3.4e38  # finite in float32
+    write_safetensors(src / "model.safetensors", tensors, {"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"q_proj.weight' \(layer 0\) has values beyond the range of bfloat16"):
+        convert_hf_to_orbax(src, tmp_path / "dst", dtype="bfloat16", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+    convert_hf_to_orbax(src, tmp_path / "dst", progress=False)  # float32 kept: fine

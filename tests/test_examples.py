@@ -36,7 +36,7 @@ def test_convert_and_generate_script(golden_dir, tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     records = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
-    assert [r["mode"] for r in records] == ["ar", "diffusion", "spec"]
+    assert [r["mode"] for r in records] == ["ar", "diffusion", "spec", "spec_quadratic"]
     assert all(r["tokens"] for r in records)
     assert (tmp_path / "hf-again" / "model.safetensors.index.json").exists()
     assert (tmp_path / "hf-again" / "linear_spec_lora" / "adapter_config.json").exists()

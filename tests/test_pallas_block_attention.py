@@ -4,7 +4,9 @@ suite, run against every implementation, the XLA one included, and an independen
 Interpreted kernels run on CPU, compiled ones on their hardware (``-m gpu`` on the GPU machine).
 Kernels get NaN in the cache slots past each row's length and start their outputs from NaN
 (``poison=True``); lengths include 0 and S. bf16 results are held to an error bound derived from
-bf16 rounding (``tests/_oracles.py``), tight enough that dropping one key fails.
+bf16 rounding (``tests/_oracles.py``), tight enough that dropping one key fails. The block-key
+tile lists the kernels skip with are checked exact against the dense oracle mask, and the
+quadratic self-speculation pattern (mostly empty tiles) shows that the kernels follow them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pallas_kernels.block_attention import BlockPattern, api
 from pallas_kernels.block_attention.kernel_mgpu import MosaicBlockSizes
 from pallas_kernels.block_attention.kernel_tpu import TpuBlockSizes
 from pallas_kernels.block_attention.kernel_triton import TritonBlockSizes
-from pallas_kernels.block_attention.mask import CacheBlockMask
+from pallas_kernels.block_attention.mask import BlockTileList, CacheBlockMask
 from pallas_kernels.testing import COMPILED, INTERPRETED, block_inputs
 import _oracles
 
@@ -78,12 +80,16 @@ def _mixed_pattern(T: int) -> BlockPattern:
     return BlockPattern(*(jnp.concatenate([getattr(p, f) for p in rows]) for f in ("group", "reach")))
 
 
-def _check(impl, args, pattern, uniform, dtype, sizes=None):
+def _check(impl, args, pattern, uniform, dtype, sizes=None, visible=None):
+    """``impl`` against the float64 oracle under the block visibility ``visible [B, T, T]``
+    (default: the pattern's, by the oracle's own predicate)."""
     run = functools.partial(api.block_attention, uniform=uniform, implementation=impl, sizes=sizes,
                             poison=impl != "xla")
     out = jax.jit(run)(*args, pattern)
     assert out.shape == args[0].shape and out.dtype == args[0].dtype
-    expected, weighted = _oracles.decode_attention(*args, _oracles.block_visible(pattern.group, pattern.reach))
+    if visible is None:
+        visible = _oracles.block_visible(pattern.group, pattern.reach)
+    expected, weighted = _oracles.decode_attention(*args, visible)
     if jnp.dtype(dtype) == jnp.bfloat16:
         bound = _oracles.bf16_bound(expected, weighted)
     else:
@@ -153,6 +159,127 @@ def test_mixed_and_structured_patterns(impl, G, dtype):
     _check(impl, args, _mixed_pattern(T), None, dtype, SMALL_SIZES[impl])
 
 
+# --------------------------------------------- quadratic self-speculation: a block-sparse pattern
+# Blocks of C + C*C queries: the seed and C-1 drafts causal, then C groups of C masks, group j
+# seeing block keys 0..j and itself. Most block-key tiles of a group's query tile are empty, and
+# the kernels skip them. The oracle's visibility comes from the description
+# (``_oracles.quadratic_visible``), not from ``BlockPattern.quadratic``.
+
+# (G, C of the program, C per row (smaller ones leave padding), dtype, S). With SMALL_SIZES the
+# C=16 block has 34 block-key tiles of 8 keys (TPU) / 17 of 16 (Triton), most of them empty.
+QUAD_CASES = [
+    (1, 4, (4, 2, 4), jnp.float32, 30),
+    (2, 8, (8, 8, 5), jnp.bfloat16, 45),
+    (4, 16, (16, 11, 16), jnp.float32, 21),
+]
+
+
+def _quad_id(case):
+    G, C, row_C, dtype, S = case
+    return f"G{G}-C{C}-rows{'.'.join(map(str, row_C))}-{jnp.dtype(dtype).name}-S{S}"
+
+
+def _run_quadratic(impl, case, seed, sizes):
+    G, C, row_C, dtype, S = case
+    W = C + C * C
+    pattern = BlockPattern.quadratic(len(row_C), jnp.asarray(row_C, jnp.int32), W)
+    visible = _oracles.quadratic_visible(row_C, W)
+    lengths = [0, S, int(np.random.default_rng(seed).integers(1, S))][:len(row_C)]
+    args = _inputs(impl, seed, B=len(row_C), T=W, G=G, S=S, Dh=32, lengths=lengths, dtype=dtype, uniform=None)
+    _check(impl, args, pattern, None, dtype, sizes, visible=visible)
+
+
+@pytest.mark.parametrize("case", QUAD_CASES, ids=_quad_id)
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_quadratic_pattern_matches_oracle(impl, case):
+    """Ragged lengths (0, S, between), rows of different C in one batch, NaN stale slots,
+    poisoned outputs, small tiles: many block-key tiles, most of a group tile's skipped."""
+    _run_quadratic(impl, case, 200 + QUAD_CASES.index(case), SMALL_SIZES[impl])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["xla", *INTERPRETED])
+def test_quadratic_full_sweep(impl):
+    """Every C (4, 8, 16, 32) x G (1, 2, 4), dtypes alternating, random cache sizes and row Cs;
+    C = 32 (1056 queries) with medium tiles (17 / 33 block-key tiles) to keep the interpreter's
+    grid small."""
+    rng = np.random.default_rng(1)
+    medium = {"xla": None, "pallas_interpret": TpuBlockSizes(block_q=128, block_kv=32, block_kv_new=64),
+              "pallas_triton_interpret": TritonBlockSizes(block_q=64, block_kv=32, block_kv_new=32, num_splits=2)}
+    for n, (C, G) in enumerate(itertools.product((4, 8, 16, 32), (1, 2, 4))):
+        row_C = (C, int(rng.integers(2, C + 1)), C)
+        dtype = (jnp.float32, jnp.bfloat16)[n % 2]
+        case = (G, C, row_C, dtype, int(rng.integers(8, 60)))
+        _run_quadratic(impl, case, 300 + n, medium[impl] if C == 32 else SMALL_SIZES[impl])
+
+
+def test_quadratic_pattern_is_the_description_and_spec_quadratics():
+    """``BlockPattern.quadratic`` is the description (the oracle's) and what the decode mode asks
+    for (``spec_quadratic.request`` for rows in the QUAD phase, of different C in one program)."""
+    import dataclasses
+
+    import nld_jax
+    from nld_jax.decode import Rows, Track
+    from nld_jax.decode import spec_quadratic as quad
+
+    for C in (2, 4, 8, 16):
+        W = C + C * C
+        np.testing.assert_array_equal(BlockPattern.quadratic(2, C).visible(), _oracles.quadratic_visible((C, C), W))
+    row_C = (8, 3, 5)
+    W = quad.width_for(8)
+    pattern = BlockPattern.quadratic(3, jnp.asarray(row_C, jnp.int32), W)
+    np.testing.assert_array_equal(pattern.visible(), _oracles.quadratic_visible(row_C, W))
+    B, z = len(row_C), jnp.zeros((len(row_C),), jnp.int32)
+    rows = Rows(mode=z, block_length=jnp.asarray(row_C, jnp.int32), max_new_tokens=z + 9,
+                temperature=jnp.zeros((B,)), threshold=jnp.zeros((B,)), use_threshold=jnp.zeros((B,), bool),
+                top_p=jnp.ones((B,)), top_k=z, use_lora=jnp.zeros((B,), bool), key=jnp.zeros((B, 2), jnp.uint32),
+                stop_ids=jnp.full((B, 1), -1, jnp.int32))
+    track = dataclasses.replace(Track.empty(B, 8, W), phase=z + quad.QUAD, done=jnp.zeros((B,), bool))
+    config = nld_jax.NLDConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                               num_attention_heads=1, num_key_value_heads=1, head_dim=8, mask_token_id=3)
+    requested = quad.request(rows, track, config).pattern
+    np.testing.assert_array_equal(requested.group, pattern.group)
+    np.testing.assert_array_equal(requested.reach, pattern.reach)
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_quadratic_tile_lists_skip_most_tiles(G):
+    """At C = 16 the lists are exact and visit far fewer block-key tiles than the extent bound
+    (every tile up to a query tile's largest key), itself below the dense grid: about a fifth
+    at the test's small tiles (where the kernel tests run), a half or less at the Triton
+    kernel's defaults (32-key tiles)."""
+    C, T = 16, 272
+    pattern = BlockPattern.quadratic(1, C)
+    visible = _oracles.quadratic_visible((C,), T)
+    for bq, bkn, most in ((16, 8, 0.25), (16, 16, 0.25), (128, 32, 0.55)):
+        count, extent = _check_tile_list(CacheBlockMask(T).block_tile_list(pattern, G, bq, bkn), visible, G, bq, bkn)
+        dense = count.size * -(-T // bkn)
+        assert count.sum() < most * extent.sum() and extent.sum() < dense, (bq, bkn, count.sum(), extent.sum())
+
+
+@pytest.mark.parametrize("mutation", ["one_fewer", "count_prefix"])
+@pytest.mark.parametrize("impl", INTERPRETED)
+def test_a_kernel_that_skips_a_listed_tile_fails(impl, mutation, monkeypatch):
+    """The kernels follow the lists, and the quadratic test catches a wrong one: visiting one
+    fewer listed tile (``one_fewer``: the last listed tile of every query tile with several), or
+    the first ``count`` tiles instead of the listed ones (``count_prefix``: what a kernel that
+    reads only the count would visit) fails the oracle comparison."""
+    case = (2, 8, (8, 8, 5), jnp.float32, 45)
+    _run_quadratic(impl, case, 7, SMALL_SIZES[impl])  # the lists as built pass
+    build = CacheBlockMask.block_tile_list
+
+    def mutated(self, *a, **kw):
+        tiles = build(self, *a, **kw)
+        if mutation == "one_fewer":
+            return BlockTileList(tiles.index, jnp.maximum(tiles.count - 1, 1))
+        prefix = jnp.minimum(jnp.arange(tiles.index.shape[-1]), tiles.count[..., None] - 1)
+        return BlockTileList(prefix.astype(jnp.int32), tiles.count)
+
+    monkeypatch.setattr(CacheBlockMask, "block_tile_list", mutated)
+    with pytest.raises(AssertionError, match="exceeds the bound"):
+        _run_quadratic(impl, case, 7, SMALL_SIZES[impl])
+
+
 def test_empty_cache_and_prefill_shapes():
     """S = 0 (a prefill from scratch) and a block longer than the tiles, uniform and mixed."""
     args = block_inputs(5, B=2, T=24, H=4, K=2, Dh=32, S=0, lengths=[0, 0], dtype=jnp.float32)
@@ -173,22 +300,50 @@ def test_one_dropped_key_is_caught_at_bf16():
         _oracles.assert_within(out, expected, _oracles.bf16_bound(expected, weighted))
 
 
-def test_mask_tile_metadata_is_exact():
-    """The kernels' predicate is the oracle's, and their tile metadata is exact: tiles they skip
-    are fully masked in the dense mask and the last tile they visit is not (skipping neither
-    unsafe nor wasteful), for every row pattern of :func:`_mixed_pattern`, GQA rows and tile
-    sizes that cut the block into one to several tiles."""
-    S, T, G = 45, 20, 4
-    lengths = jnp.arange(0, S + 1, 3, dtype=jnp.int32)  # 16 rows: the 5 patterns, cycled
+def _metadata_patterns(T: int, B: int) -> BlockPattern:
+    """``B`` rows cycling through :func:`_mixed_pattern`'s five and two quadratic-spec rows (the
+    block lengths whose QUAD block fits ``T``: ``C = 3`` and ``C = 2``, padding after them)."""
     base = _mixed_pattern(T)
-    pattern = BlockPattern(*(jnp.resize(x, (lengths.shape[0], T)) for x in (base.group, base.reach)))
+    quad = BlockPattern.quadratic(2, jnp.asarray([3, 2]), T)
+    rows = [jnp.concatenate([getattr(base, f), getattr(quad, f)]) for f in ("group", "reach")]
+    return BlockPattern(*(jnp.resize(x, (B, T)) for x in rows))
+
+
+def _check_tile_list(tiles, visible, G: int, bq: int, bkn: int):
+    """A :class:`BlockTileList` is exact against the oracle's dense mask: the tiles it visits are
+    those holding a key one of the query tile's rows sees (skipped tiles fully invisible, visited
+    ones not empty), listed in ascending order, padded by repeating the last one; never more than
+    the extent bound visits. Returns ``(visited, extent)`` tile counts per (row, query tile)."""
+    index, count = np.asarray(tiles.index), np.asarray(tiles.count)
+    want = _oracles.tile_visible(visible, G, bq, bkn)
+    assert index.shape == want.shape and count.shape == want.shape[:2]
+    assert index.dtype == count.dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(tiles.visited()), want)
+    np.testing.assert_array_equal(count, want.sum(axis=-1))
+    for b, i in itertools.product(*map(range, count.shape)):
+        listed = index[b, i, :count[b, i]]
+        np.testing.assert_array_equal(listed, np.nonzero(want[b, i])[0])
+        assert (index[b, i, count[b, i]:] == listed[-1]).all()  # padding re-requests the last tile
+    extent = _oracles.extent_tiles(visible, G, bq, bkn)
+    assert (count >= 1).all() and (count <= extent).all()
+    return count, extent
+
+
+def test_mask_tile_metadata_is_exact():
+    """The kernels' predicate is the oracle's, and their tile metadata is exact (skipping neither
+    unsafe nor wasteful): cache tiles from the length, block-key tile lists from the pattern
+    (:func:`_check_tile_list`), for every row pattern of :func:`_metadata_patterns`, GQA rows and
+    tile sizes that cut the block into one to several tiles. Causal and bidirectional rows visit
+    exactly what the extent bound visits (they cost no more than before the lists)."""
+    S, T, G = 45, 20, 4
+    lengths = jnp.arange(0, S + 1, 3, dtype=jnp.int32)  # 16 rows: the 7 patterns, cycled
+    pattern = _metadata_patterns(T, lengths.shape[0])
     mask = CacheBlockMask(T)
     dense = np.asarray(mask.materialize(lengths, pattern, S))  # [B, T, S + T]
     oracle_block = _oracles.block_visible(pattern.group, pattern.reach)
     np.testing.assert_array_equal(dense[:, :, S:], oracle_block)
     valid = np.arange(S)[None, None, :] < np.asarray(lengths)[:, None, None]
     np.testing.assert_array_equal(dense[:, :, :S], np.broadcast_to(valid, dense[:, :, :S].shape))
-    np.testing.assert_array_equal(pattern.key_extent(), _oracles.key_extent(oracle_block))
 
     for bk in (8, 16):
         n_cache = np.asarray(mask.cache_tiles(lengths, bk))
@@ -197,19 +352,15 @@ def test_mask_tile_metadata_is_exact():
             assert not visible_cache[n_cache[b] * bk:].any()
             if length:
                 assert visible_cache[(n_cache[b] - 1) * bk:].any()
-    for bq, bkn in ((8, 4), (16, 8), (48, 16), (16, 32)):
-        tiles = np.asarray(mask.block_tiles(pattern, G, bq, bkn))
-        assert tiles.shape == (lengths.shape[0], -(-T * G // bq)) and tiles.dtype == np.int32
-        for b, i in itertools.product(*map(range, tiles.shape)):
-            rows_t = np.arange(i * bq, min((i + 1) * bq, T * G)) // G
-            visible_block = dense[b][rows_t][:, S:].any(axis=0)
-            need = tiles[b, i]
-            assert not visible_block[need * bkn:].any()
-            assert visible_block[(need - 1) * bkn:].any()
-    # Skipping happens: the first query tile of the causal row visits fewer block tiles than the
-    # bidirectional row's, and query 0 of the spread group reaches the block's end.
-    first = np.asarray(mask.block_tiles(pattern, G, 8, 4))[:5, 0]
-    assert first[0] == 1 and first[1] == first[4] == -(-T // 4)
+    uniform_rows = np.isin(np.arange(lengths.shape[0]) % 7, (0, 1))  # causal, bidirectional
+    for bq, bkn in ((8, 4), (16, 8), (48, 16), (16, 32), (12, 3)):
+        count, extent = _check_tile_list(mask.block_tile_list(pattern, G, bq, bkn), oracle_block, G, bq, bkn)
+        np.testing.assert_array_equal(count[uniform_rows], extent[uniform_rows])
+    # Skipping happens: the first query tile of the causal row visits one block tile and the
+    # bidirectional row's all; the quadratic rows visit fewer than their extent.
+    count, extent = _check_tile_list(mask.block_tile_list(pattern, G, 8, 4), oracle_block, G, 8, 4)
+    assert count[0, 0] == 1 and count[1, 0] == -(-T // 4)
+    assert count[5:7].sum() < extent[5:7].sum()
 
 
 def test_dispatch():

@@ -120,6 +120,21 @@ def test_mosaic_gpu_attention_lowers_for_cuda(causal, T, B):
                                            *_decode_args(B=B, T=T, S=2048))
 
 
+@pytest.mark.parametrize("C", [4, 16, 32])
+def test_quadratic_pattern_lowers_for_tpu_and_cuda(C):
+    """Quadratic self-speculation's block (C + C*C queries, up to 1056): the block-key tile lists
+    (a scalar-prefetched list per query tile on TPU, a loop over a loaded list in Triton) lower
+    at the production tile sizes, where C = 32 has several query and block-key tiles."""
+    from pallas_kernels.block_attention import BlockPattern
+    from pallas_kernels.block_attention.kernel_tpu import block_attention_tpu
+    from pallas_kernels.block_attention.kernel_triton import block_attention_triton
+
+    T = C + C * C
+    pattern = BlockPattern.quadratic(2, jnp.asarray([C, max(C // 2, 2)], jnp.int32), T)
+    assert "tpu_custom_call" in _lower_for_tpu(block_attention_tpu, *_decode_args(T=T), pattern)
+    assert "triton" in _lower_for_cuda(block_attention_triton, *_decode_args(T=T), pattern)
+
+
 @pytest.mark.parametrize("kind", ["causal", "bidirectional", "mixed"])
 def test_tpu_kernels_lower_for_tpu(kind):
     from pallas_kernels.block_attention.kernel_tpu import block_attention_tpu

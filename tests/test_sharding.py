@@ -363,3 +363,16 @@ def test_plan_table_output(capsys):
     out = capsys.readouterr().out
     assert "per-device memory" in out and "kv_cache" in out and "compile s" in out
     assert "NVIDIA H100 80 GB" in out and "TPU v6e 32 GB" in out
+
+
+def test_plan_sharding_fallbacks_are_notes_once_not_warnings(capfd):
+    """Bug: a mesh axis that does not divide the KV heads (8 heads on tensor=16 for the 8B) printed
+    five warnings with their source lines. They are notes now, each once, and nothing comes out of
+    the warnings module (the tiny checkpoint has 2 KV heads: tensor=4 shows the same)."""
+    from nld_jax.cli import plan
+
+    assert plan.main(["--checkpoint", str(GOLDEN_DIR), "--mesh", "tensor=4", "--batch", "2", "--max-len", "128"]) == 0
+    captured = capfd.readouterr()
+    assert "Warning" not in captured.err and "warn(" not in captured.err, captured.err
+    notes = [l for l in captured.out.splitlines() if l.startswith("note:")]
+    assert len(notes) == len(set(notes)) and any("kv_heads=2" in n for n in notes), captured.out

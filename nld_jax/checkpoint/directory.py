@@ -1,17 +1,17 @@
 """The small JSON files of a checkpoint directory: ``config.json`` and ``generation_config.json``.
 
 Tensors are read by :mod:`.hf` (safetensors) and :mod:`.orbax` (converted checkpoints); this
-module reads the configuration that decides what those readers expect, and names the file in
-every error.
+module reads the configuration that decides what those readers expect, through
+:class:`~nld_jax.checkpoint.files.CheckpointFiles`, and names the file in every error.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
+from nld_jax.checkpoint.files import JSON_LIMIT, CheckpointFiles, open_regular, parse_json
 from nld_jax.config import ConfigError, NLDConfig, config_from_hf
 
 __all__ = ["CONFIG_FILE", "GENERATION_CONFIG_FILE", "GenerationDefaults", "read_json", "load_hf_config",
@@ -22,28 +22,34 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def read_json(path: str, what: str, error=ConfigError) -> Any:
-    """``json.load`` of ``path``; a file that is not UTF-8 JSON raises ``error`` naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path}: {what} is not valid JSON ({e})") from None
+    """The JSON of a file named directly by the caller (not found inside a checkpoint): only a
+    regular file is opened; a file that is not UTF-8 JSON raises ``error`` naming it."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > JSON_LIMIT:
+            raise error(f"{path}: {what} is {size} bytes, more than the {JSON_LIMIT} a {what} may have")
+        return parse_json(f.read(), path, what, error)
 
 
-def read_config_json(path: str | os.PathLike) -> tuple[dict, str]:
+def read_config_json(path: str | os.PathLike | CheckpointFiles) -> tuple[dict, str]:
     """The parsed ``config.json`` of a checkpoint directory (or the file itself), and its path."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no {CONFIG_FILE} at {path}")
-    hf = read_json(path, CONFIG_FILE)
+    if isinstance(path, CheckpointFiles) or os.path.isdir(path):
+        files = CheckpointFiles.of(path)
+        where = files.shown(CONFIG_FILE)
+        if not files.exists(CONFIG_FILE):
+            raise FileNotFoundError(f"no {CONFIG_FILE} at {where}")
+        hf = files.read_json(CONFIG_FILE, error=ConfigError)
+    else:
+        where = os.fspath(path)
+        if not os.path.exists(where):
+            raise FileNotFoundError(f"no {CONFIG_FILE} at {where}")
+        hf = read_json(where, CONFIG_FILE)
     if not isinstance(hf, dict):
-        raise ConfigError(f"{path}: {CONFIG_FILE} must hold a JSON object, got {type(hf).__name__}")
-    return hf, path
+        raise ConfigError(f"{where}: {CONFIG_FILE} must hold a JSON object, got {type(hf).__name__}")
+    return hf, where
 
 
-def load_hf_config(path: str | os.PathLike) -> NLDConfig:
+def load_hf_config(path: str | os.PathLike | CheckpointFiles) -> NLDConfig:
     """Read ``config.json`` from a checkpoint directory (or the file itself)."""
     hf, where = read_config_json(path)
     try:
@@ -60,17 +66,18 @@ class GenerationDefaults:
     threshold: float | None = None
 
 
-def read_generation_defaults(directory: str) -> GenerationDefaults:
+def read_generation_defaults(directory: str | os.PathLike | CheckpointFiles) -> GenerationDefaults:
     """The NLD decoding defaults of ``generation_config.json`` (``block_length`` and ``threshold``;
     transformers' other fields are not NLD's and are ignored), or empty defaults without one."""
-    path = os.path.join(directory, GENERATION_CONFIG_FILE)
-    if not os.path.isfile(path):
+    files = CheckpointFiles.of(directory)
+    if not files.exists(GENERATION_CONFIG_FILE):
         return GenerationDefaults()
-    raw = read_json(path, GENERATION_CONFIG_FILE)
+    path = files.shown(GENERATION_CONFIG_FILE)
+    raw = files.read_json(GENERATION_CONFIG_FILE, error=ConfigError)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must hold a JSON object, got {type(raw).__name__}")
     block, threshold = raw.get("block_length"), raw.get("threshold")
-    if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block < 1):
+    if block is not None and (not isinstance(block, int) or isinstance(block, bool) or not 1 <= block <= 2**20):
         raise ConfigError(f"{path}: block_length={block!r} must be a positive integer")
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not 0.0 <= threshold <= 1.0):

@@ -3,27 +3,33 @@
 A directory holds ``config.json`` and either ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``; instruct checkpoints add the PEFT draft LoRA in
 ``linear_spec_lora/``. The mapping to our layout comes from :mod:`nld_jax.params`, and the
-accounting is strict: a missing tensor, an unknown tensor or a wrong shape is an error that
-names the key.
+accounting is strict: a missing tensor, an unknown tensor, a wrong shape or dtype, or an index
+that disagrees with its shards is an error that names the file and the key. Every file is
+opened through :class:`~nld_jax.checkpoint.files.CheckpointFiles`.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
 
+from nld_jax.checkpoint.errors import CheckpointError
+from nld_jax.checkpoint.files import CheckpointFiles, plain_name
+from nld_jax.checkpoint.finite import first_nonfinite
 from nld_jax.checkpoint.safetensors_io import SafetensorsFile
 from nld_jax.config import NLDConfig
 from nld_jax.params import ParamSpec, lora_specs, param_specs, tree_from_flat
 
 __all__ = ["CheckpointError", "HFCheckpoint", "read_hf_params", "read_hf_lora", "hf_lora_rank", "parse_adapter_config",
-           "expand_keys", "check_tensor_set", "key_listing", "PICKLE_SUFFIXES", "FLOAT_DTYPES"]
+           "read_weight_map", "lora_files", "expand_keys", "check_tensor_set", "check_layer_count", "key_listing",
+           "PICKLE_SUFFIXES", "FLOAT_DTYPES"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 LORA_DIR = "linear_spec_lora"
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file names inside LORA_DIR
@@ -31,31 +37,41 @@ ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_INDEX = "adapter_model.safetensors.index.json"
 # Floating dtypes a checkpoint may store weights in (by numpy name).
 FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
+# The layer index in a key ("encoder.layers.12.mlp...", PEFT's "base_model.model.encoder.layers.12...").
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d{1,9})\.")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that does not hold exactly the tensors the config implies."""
+def read_weight_map(files: CheckpointFiles, index_file: str) -> dict[str, str]:
+    """The ``weight_map`` of an index file: tensor name -> plain shard file name."""
+    shown = files.shown(index_file)
+    index = files.read_json_object(index_file)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{shown}: 'weight_map' must be an object of tensor name -> shard file name, "
+                              f"got {type(weight_map).__name__}")
+    for key, name in weight_map.items():
+        plain_name(name, f"{shown}: weight_map[{key!r}]")
+    return weight_map
 
 
 class HFCheckpoint:
-    """The tensors of an HF checkpoint directory, possibly sharded, opened lazily."""
+    """The tensors of an HF checkpoint directory, possibly sharded, opened lazily.
 
-    def __init__(self, directory: str | os.PathLike, single_file: str = "model.safetensors",
+    ``directory`` is a path or a :class:`CheckpointFiles` (e.g. ``linear_spec_lora/`` of one)."""
+
+    def __init__(self, directory: str | os.PathLike | CheckpointFiles, single_file: str = SINGLE_FILE,
                  index_file: str = INDEX_FILE):
-        self.directory = os.fspath(directory)
-        if not os.path.isdir(self.directory):
-            raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
-        index_path = os.path.join(self.directory, index_file)
-        single_path = os.path.join(self.directory, single_file)
-        if os.path.exists(index_path):
-            with open(index_path) as f:
-                weight_map: dict[str, str] = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif os.path.exists(single_path):
-            files = [single_file]
-            weight_map = None
+        self.checkpoint_files = CheckpointFiles.of(directory)
+        files = self.checkpoint_files
+        self.directory = files.directory
+        weight_map: dict[str, str] | None = None
+        if files.exists(index_file):
+            weight_map = read_weight_map(files, index_file)
+            names = sorted(set(weight_map.values()))
+        elif files.exists(single_file):
+            names = [single_file]
         else:
-            pickles = [n for n in os.listdir(self.directory) if n.endswith(PICKLE_SUFFIXES)]
+            pickles = [n for n in files.listdir() if n.endswith(PICKLE_SUFFIXES)]
             if pickles:
                 raise CheckpointError(
                     f"{self.directory} holds only pickle weights ({', '.join(sorted(pickles))}); nld_jax "
@@ -63,20 +79,25 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.directory} has neither {single_file} nor {index_file}")
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = {}
-        for name in files:
-            path = os.path.join(self.directory, name)
-            if not os.path.exists(path):
-                raise CheckpointError(f"shard {name} listed in {index_file} is missing")
-            st = SafetensorsFile(path)
+        for name in names:
+            if not files.exists(name):
+                raise CheckpointError(f"{files.shown(name)}: shard listed in {index_file} is missing")
+            st = SafetensorsFile(files.shown(name), files.path(name))
             self._files[name] = st
             for key in st.keys():
                 if key in self._where:
-                    raise CheckpointError(f"tensor {key!r} appears in both {self._where[key]} and {name}")
+                    raise CheckpointError(f"tensor {key!r} appears in both {files.shown(self._where[key])} and "
+                                          f"{files.shown(name)}")
                 self._where[key] = name
         if weight_map is not None:
+            index = files.shown(index_file)
             for key, name in weight_map.items():
                 if self._where.get(key) != name:
-                    raise CheckpointError(f"index says {key!r} is in {name}, but it is not there")
+                    raise CheckpointError(f"{index} says {key!r} is in {name}, but it is not there")
+            unlisted = [key for key in self._where if key not in weight_map]
+            if unlisted:
+                raise CheckpointError(f"{index} does not list tensor(s) {key_listing(unlisted)} that "
+                                      f"{files.shown(self._where[unlisted[0]])} holds")
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -93,8 +114,12 @@ class HFCheckpoint:
     def get(self, key: str) -> np.ndarray:
         return self._files[self._where[key]].get(key)
 
+    def file_of(self, key: str) -> str:
+        """The path (as shown in errors) of the file holding ``key``."""
+        return self._files[self._where[key]].path
+
     def files(self) -> list[str]:
-        return [os.path.join(self.directory, n) for n in self._files]
+        return [st.path for st in self._files.values()]
 
     def shards(self) -> list[SafetensorsFile]:
         """The opened files, in :meth:`files` order."""
@@ -106,9 +131,10 @@ def expand_keys(spec: ParamSpec, num_layers: int) -> list[str]:
 
 
 def check_tensor_set(where: str, keys: Iterable[str], shape_of: Callable[[str], tuple[int, ...]],
-                     expected: Mapping[str, tuple[int, ...]]) -> None:
-    """Exactly the ``expected`` tensors, each with its shape; an error names the offending keys.
-    Shared by the loader and the converter's key map."""
+                     expected: Mapping[str, tuple[int, ...]],
+                     file_of: Callable[[str], str] | None = None) -> None:
+    """Exactly the ``expected`` tensors, each with its shape; an error names the offending keys
+    (and, given ``file_of``, the file holding them). Shared by the loader and the converter's key map."""
     keys = list(keys)
     present = set(keys)
     missing = [k for k in expected if k not in present]
@@ -116,12 +142,32 @@ def check_tensor_set(where: str, keys: Iterable[str], shape_of: Callable[[str], 
         raise CheckpointError(f"{where}: missing tensor(s) {key_listing(missing)}")
     unknown = [k for k in keys if k not in expected]
     if unknown:
-        raise CheckpointError(f"{where}: unknown tensor(s) {key_listing(unknown)}: not part of the "
+        at = file_of(unknown[0]) if file_of else where
+        raise CheckpointError(f"{at}: unknown tensor(s) {key_listing(unknown)}: not part of the "
                               "architecture that config.json describes")
     for key, shape in expected.items():
         if tuple(shape_of(key)) != tuple(shape):
-            raise CheckpointError(f"{where}: tensor {key!r} has shape {list(shape_of(key))}, "
+            at = file_of(key) if file_of else where
+            raise CheckpointError(f"{at}: tensor {key!r} has shape {list(shape_of(key))}, "
                                   f"config.json implies {list(shape)}")
+
+
+def check_layer_count(where: str, keys: Iterable[str], num_layers: int) -> None:
+    """The layer indices the keys hold are exactly ``0 .. num_layers - 1``. Checked before the
+    expected keys are expanded, so a config that claims far more layers than the files hold is
+    refused by what the files say, not by building its key list."""
+    held = sorted({int(m.group(1)) for k in keys if (m := _LAYER.search(k))})
+    # Distinct sorted non-negative ints equal range(num_layers) iff length and ends agree; no
+    # list of num_layers is ever built (the config may claim millions).
+    if len(held) == num_layers and (not held or (held[0] == 0 and held[-1] == num_layers - 1)):
+        return
+    if not held:
+        what = "no layers"
+    elif held == list(range(held[0], held[-1] + 1)):
+        what = f"layers {held[0]}..{held[-1]}"
+    else:
+        what = f"layers {key_listing([str(n) for n in held], 8)}"
+    raise CheckpointError(f"{where}: config.json says {num_layers} layers; the safetensors hold {what}")
 
 
 def key_listing(keys: list[str], limit: int = 5) -> str:
@@ -130,18 +176,28 @@ def key_listing(keys: list[str], limit: int = 5) -> str:
 
 
 def _check_accounting(ckpt: HFCheckpoint, specs: dict[str, ParamSpec], num_layers: int) -> None:
+    check_layer_count(ckpt.directory, ckpt.keys(), num_layers)
     expected = {key: spec.hf_shape for spec in specs.values() for key in expand_keys(spec, num_layers)}
-    check_tensor_set(ckpt.directory, ckpt.keys(), ckpt.shape, expected)
+    check_tensor_set(ckpt.directory, ckpt.keys(), ckpt.shape, expected, ckpt.file_of)
+    for key in expected:
+        if ckpt.dtype(key).name not in FLOAT_DTYPES:
+            raise CheckpointError(f"{ckpt.file_of(key)}: tensor {key!r} has dtype {ckpt.dtype(key).name}; "
+                                  f"weights must be one of {FLOAT_DTYPES} (quantized safetensors are not read: "
+                                  "quantize NVIDIA's bf16 weights with load(quantize='int8') or nld-convert --quantize)")
 
 
-def read_param(ckpt: HFCheckpoint, spec: ParamSpec, num_layers: int, dtype) -> np.ndarray:
-    """One parameter in our layout, as a host array of ``dtype``."""
+def read_param(ckpt: HFCheckpoint, spec: ParamSpec, num_layers: int, dtype, check_finite: bool = False) -> np.ndarray:
+    """One parameter in our layout, as a host array of ``dtype``; with ``check_finite`` a NaN/Inf
+    (after the cast: float32 beyond bf16's range becomes Inf) is an error naming the tensor."""
     keys = expand_keys(spec, num_layers)
-    if not spec.stacked:
-        return np.asarray(spec.to_ours(ckpt.get(keys[0])), dtype=dtype)
     out = np.empty(spec.shape, dtype=dtype)
     for n, key in enumerate(keys):
-        out[n] = spec.to_ours(ckpt.get(key))
+        part = out[n] if spec.stacked else out
+        part[...] = spec.to_ours(ckpt.get(key))
+        if check_finite and (at := first_nonfinite(part)) is not None:
+            value = part.reshape(-1)[at]
+            raise CheckpointError(f"{ckpt.file_of(key)}: tensor {key!r} holds a non-finite value ({value} "
+                                  f"as {np.dtype(dtype).name}); refusing weights with NaN or Inf")
     return out
 
 
@@ -150,17 +206,21 @@ def _place(host: np.ndarray, sharding) -> Any:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def read_hf_params(directory: str | os.PathLike, config: NLDConfig, dtype,
-                   sharding_of: Callable[[str], Any]) -> dict:
+def read_hf_params(directory: str | os.PathLike | CheckpointFiles, config: NLDConfig, dtype,
+                   sharding_of: Callable[[str], Any], check_finite: bool = False,
+                   finish: Callable[[str, Any], Any] | None = None) -> dict:
     """All base weights in our layout, as a tree; each leaf is put into ``sharding_of(leaf path)``
-    in ``dtype`` (None: the stored dtype), one tensor on the host at a time."""
+    in ``dtype`` (None: the stored dtype), one tensor on the host at a time, then handed to
+    ``finish(leaf path, array)`` when given (``load(quantize=)`` quantizes it there)."""
     ckpt = HFCheckpoint(directory)
     specs = param_specs(config)
     _check_accounting(ckpt, specs, config.L)
     flat = {}
     for path, spec in specs.items():
         np_dtype = np.dtype(ckpt.dtype(expand_keys(spec, config.L)[0])) if dtype is None else np.dtype(dtype)
-        flat[path] = _place(read_param(ckpt, spec, config.L, np_dtype), sharding_of(path))
+        flat[path] = _place(read_param(ckpt, spec, config.L, np_dtype, check_finite), sharding_of(path))
+        if finish is not None:
+            flat[path] = finish(path, flat[path])
     return tree_from_flat(flat)
 
 
@@ -192,34 +252,34 @@ def parse_adapter_config(adapter_config: Any, where: str) -> tuple[int, float]:
     return rank, float(alpha)
 
 
-def _lora_dir(directory: str) -> str | None:
-    lora_dir = os.path.join(directory, LORA_DIR)
-    if os.path.isdir(lora_dir):
-        return lora_dir
-    return directory if os.path.exists(os.path.join(directory, ADAPTER_CONFIG)) else None
+def lora_files(directory: str | os.PathLike | CheckpointFiles) -> CheckpointFiles | None:
+    """The files of the draft LoRA: ``linear_spec_lora/`` (or the directory itself when it is a
+    PEFT adapter folder), or None when there is none."""
+    files = CheckpointFiles.of(directory)
+    if files.exists(LORA_DIR):
+        if not files.is_dir(LORA_DIR):  # refuses a link out of the checkpoint by name
+            raise CheckpointError(f"{files.shown(LORA_DIR)} is not a directory")
+        return files.subdirectory(LORA_DIR)
+    return files if files.exists(ADAPTER_CONFIG) else None
 
 
-def _adapter_config(lora_dir: str) -> tuple[int, float]:
-    cfg_path = os.path.join(lora_dir, ADAPTER_CONFIG)
-    if not os.path.exists(cfg_path):
-        raise CheckpointError(f"{lora_dir} has no {ADAPTER_CONFIG}")
-    try:
-        with open(cfg_path) as f:
-            return parse_adapter_config(json.load(f), cfg_path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from None
+def _adapter_config(lora: CheckpointFiles) -> tuple[int, float]:
+    if not lora.exists(ADAPTER_CONFIG):
+        raise CheckpointError(f"{lora.directory} has no {ADAPTER_CONFIG}")
+    return parse_adapter_config(lora.read_json(ADAPTER_CONFIG), lora.shown(ADAPTER_CONFIG))
 
 
-def hf_lora_rank(directory: str | os.PathLike) -> int | None:
+def hf_lora_rank(directory: str | os.PathLike | CheckpointFiles) -> int | None:
     """The rank of the draft LoRA in ``directory/linear_spec_lora`` (or ``directory``), or None."""
-    lora_dir = _lora_dir(os.fspath(directory))
-    return None if lora_dir is None else _adapter_config(lora_dir)[0]
+    lora = lora_files(directory)
+    return None if lora is None else _adapter_config(lora)[0]
 
 
-def read_hf_lora(directory: str | os.PathLike, config: NLDConfig, sharding_of: Callable[[str], Any]) -> dict | None:
+def read_hf_lora(directory: str | os.PathLike | CheckpointFiles, config: NLDConfig,
+                 sharding_of: Callable[[str], Any], check_finite: bool = False) -> dict | None:
     """The draft LoRA ``{A, B, scale}`` of ``directory/linear_spec_lora`` (or of ``directory``
     itself), or None; leaves go into ``sharding_of("A" | "B" | "scale")``."""
-    lora_dir = _lora_dir(os.fspath(directory))
+    lora_dir = lora_files(directory)
     if lora_dir is None:
         return None
     rank, alpha = _adapter_config(lora_dir)
@@ -227,7 +287,7 @@ def read_hf_lora(directory: str | os.PathLike, config: NLDConfig, sharding_of: C
     specs = lora_specs(config, rank)
     _check_accounting(ckpt, specs, config.L)
     # The adapter runs in float32 whatever the model dtype (PEFT casts its input to the adapter dtype).
-    lora = {name: _place(read_param(ckpt, spec, config.L, np.float32), sharding_of(name))
+    lora = {name: _place(read_param(ckpt, spec, config.L, np.float32, check_finite), sharding_of(name))
             for name, spec in specs.items()}
     lora["scale"] = _place(np.asarray(alpha / rank, np.float32), sharding_of("scale"))
     return lora

@@ -1,4 +1,4 @@
-"""``nld-generate``: generate text with an NLD checkpoint in any of the three modes.
+"""nld-generate: generate text with an NLD checkpoint in any of the three modes.
 
 Examples::
 
@@ -8,6 +8,11 @@ Examples::
     nld-generate --checkpoint /ckpt/NLD-8B --mode spec --lora --json "Explain RoPE."
     nld-generate --prompt-ids 1,6,224,43 --mode spec
     nld-generate --checkpoint /ckpt/NLD-8B --chat           # interactive chat (chat template)
+
+Each run prints, per mode, tokens, forwards, TPF (tokens per forward), tokens/s and ms per
+forward. TPF depends only on the model and the prompts; tokens/s and ms per forward depend on
+the machine and on its load (a busy machine gives a fraction of a quiet one's figures). Errors
+are one line on stderr and exit code 2; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -17,21 +22,32 @@ import json
 import sys
 
 DEFAULT_PROMPT = "def fibonacci(n):"
-MODES = ("ar", "diffusion", "spec")  # nld_jax.decode.MODES (not imported here: --help stays fast)
+DEFAULT_MAX_NEW = 128
+MODES = ("ar", "diffusion", "spec", "spec_quadratic")  # of nld_jax.decode.MODES (not imported here: --help stays fast)
+LOAD_NOTE = ("note: tokens/s and ms per forward depend on this machine and its load (compare them only with runs "
+             "on the same machine, quiet); TPF does not")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line like every other error of this CLI."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nld-generate", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompts (default: %(default)s)")
+    p = _Parser(prog="nld-generate", description=__doc__.split("\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+    p.add_argument("prompts", nargs="*", metavar="PROMPT",
+                   help=f"text prompts (default: {DEFAULT_PROMPT!r} when no --prompt-ids are given either)")
     p.add_argument("--checkpoint", help="checkpoint directory (HF safetensors or converted Orbax); "
                                         "default: the embedded model")
     p.add_argument("--mode", choices=MODES + ("all",), default="ar",
-                   help="decoding mode; 'all' runs ar, diffusion and spec in turn on the same prompts")
+                   help="decoding mode (spec_quadratic: draft and verify in one forward); 'all' runs every mode "
+                        "in turn on the same prompts")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="tokens to generate (default 128); more than the model's context leaves room for is "
-                        "capped to what fits, with a note")
+                   help=f"tokens to generate (default {DEFAULT_MAX_NEW}); more than the model's context leaves "
+                        "room for is capped to what fits, with a note")
     p.add_argument("--block-length", type=int, default=None,
                    help="default: the checkpoint's generation_config.json, else its block_size")
     p.add_argument("--threshold", default="auto",
@@ -41,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (with --temperature > 0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, in [0, 2**64) (default: 0)")
     p.add_argument("--lora", action="store_true", help="use the draft LoRA in draft/denoise forwards")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="(default: float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--prompt-ids", action="append", default=[],
                    help="a prompt as comma-separated token ids (repeatable)")
@@ -54,13 +70,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _threshold(text: str):
+    from nld_jax import validation
+
     if text in ("auto", "none"):
         return None if text == "none" else "auto"
     try:
         value = float(text)
     except ValueError:
         raise ValueError(f"--threshold must be a number in [0, 1], 'auto' or 'none', got {text!r}") from None
-    return None if value == -1 else value
+    return None if value == -1 else validation.probability(value, "--threshold")
+
+
+def _check(args) -> None:
+    """The options, checked by the library's own rules but under their flag names (the library's
+    messages name its Python arguments)."""
+    from nld_jax import validation
+    from nld_jax.generate import MAX_TEMPERATURE
+
+    if args.max_new_tokens is not None:
+        validation.integer(args.max_new_tokens, "--max-new-tokens", minimum=1)
+    if args.block_length is not None:
+        spec = args.mode in ("spec", "spec_quadratic", "all")
+        validation.integer(args.block_length, "--block-length" + (" in spec mode" if spec else ""),
+                           minimum=2 if spec else 1)
+    _threshold(args.threshold)
+    validation.number(args.temperature, "--temperature", minimum=0.0, maximum=MAX_TEMPERATURE)
+    validation.probability(args.top_p, "--top-p", allow_zero=False)
+    validation.integer(args.top_k, "--top-k", minimum=0)
+    if args.lora and args.mode == "ar":
+        print("note: --lora has no effect in ar mode (the LoRA serves draft and denoising forwards only)",
+              file=sys.stderr)
 
 
 def _max_new(args, model, prompts: list[list[int]]) -> int:
@@ -72,16 +111,25 @@ def _max_new(args, model, prompts: list[list[int]]) -> int:
     longest = max(len(p) for p in prompts)
     block = args.block_length or getattr(getattr(model, "generation", None), "block_length", None) \
         or model.config.block_size
-    requested = 128 if args.max_new_tokens is None else args.max_new_tokens
+    requested = DEFAULT_MAX_NEW if args.max_new_tokens is None else args.max_new_tokens
     room = limit - (context_needed(longest, 0, args.mode, block))
     if room < 1:
         raise ValueError(f"the prompt ({longest} tokens) leaves no room in the model's context of {limit} positions"
                          + (f" with a {args.mode} block of {block}" if args.mode != "ar" else ""))
     if requested > room:
-        print(f"note: --max-new-tokens {requested} capped to {room}: the model's context is {limit} positions",
+        what = f"--max-new-tokens {requested}" if args.max_new_tokens is not None else \
+            f"the default --max-new-tokens {requested}"
+        print(f"note: [{args.mode}] {what} capped to {room}: the model's context is {limit} positions"
+              + (f" and a {args.mode} block may run {block - 1} past the budget" if args.mode != "ar" else ""),
               file=sys.stderr)
         return room
     return requested
+
+
+def _forwards(mode: str, nfe: list[int]) -> int:
+    """Forwards the batch ran: rows step together, and diffusion's NFE (NVIDIA's count) leaves
+    out its prefill."""
+    return max(nfe) + (1 if mode == "diffusion" else 0)
 
 
 def _run(args, model, prompts: list[list[int]], labels: list[str], out=None) -> None:
@@ -107,6 +155,7 @@ def _run(args, model, prompts: list[list[int]], labels: list[str], out=None) -> 
                               temperature=args.temperature, use_lora=args.lora, seed=args.seed, top_p=args.top_p,
                               top_k=args.top_k, implementation=args.implementation,
                               on_tokens=on_tokens if stream else None)
+    ms_per_forward = 1e3 * result.seconds / max(_forwards(args.mode, result.nfe), 1)
     for row, label in enumerate(labels):
         tokens = result.tokens[row]
         text = result.text[row] if result.text is not None else None
@@ -114,28 +163,30 @@ def _run(args, model, prompts: list[list[int]], labels: list[str], out=None) -> 
             record = {"prompt": label, "mode": args.mode, "tokens": tokens, "text": text,
                       "nfe": result.nfe[row], "tpf": round(result.tpf[row], 4),
                       "tokens_per_second": round(len(tokens) / max(result.seconds, 1e-9), 2),
+                      "ms_per_forward": round(ms_per_forward, 3),
                       "seconds": round(result.seconds, 4), "compile_seconds": round(result.compile_seconds, 3)}
             out.write(json.dumps(record) + "\n")
         elif stream:
             if text is not None and text != shown["text"]:
                 out.write(text[len(shown["text"]):] if text.startswith(shown["text"]) else "\n" + text)
             out.write("\n")
-            print(f"[{args.mode}] {len(tokens)} tokens, {result.nfe[row]} forwards, "
-                  f"TPF {result.tpf[row]:.2f}, {result.tokens_per_second:.1f} tokens/s", file=sys.stderr)
+            print(f"[{args.mode}] {len(tokens)} tokens, {result.nfe[row]} forwards, TPF {result.tpf[row]:.2f}, "
+                  f"{result.tokens_per_second:.1f} tokens/s, {ms_per_forward:.2f} ms per forward", file=sys.stderr)
         else:
             shown_text = text if text is not None else " ".join(map(str, tokens))
             out.write(f"=== {label}\n{shown_text}\n")
             out.write(f"[{args.mode}] {len(tokens)} tokens, {result.nfe[row]} forwards, TPF {result.tpf[row]:.2f}\n")
     if not args.json and not stream:
-        print(f"[{args.mode}] {len(labels)} prompts, {sum(len(t) for t in result.tokens)} tokens in "
-              f"{result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s (batched; depends on the machine's "
-              f"load)", file=sys.stderr)
+        n = len(labels)
+        print(f"[{args.mode}] {n} prompt{'s' * (n != 1)}, {sum(len(t) for t in result.tokens)} tokens in "
+              f"{result.seconds:.2f} s (batched): {result.tokens_per_second:.1f} tokens/s, {ms_per_forward:.2f} ms "
+              "per forward", file=sys.stderr)
 
 
 def _chat(args, model) -> None:
     tok = model.tokenizer
     if tok is None:
-        raise SystemExit("error: --chat needs a tokenizer")
+        raise ValueError("--chat needs a tokenizer, and this checkpoint has none")
     if not tok.chat_template:
         print("note: this checkpoint has no chat template; turns are sent as plain text", file=sys.stderr)
     messages: list[dict] = []
@@ -179,45 +230,78 @@ def _valid_text(text: str, what: str) -> str:
 
 
 def _prompt_ids(spec: str) -> list[int]:
+    """``1,6,224`` as ids; an empty item (``1,,2``, a trailing comma) is a typo, not skipped."""
     try:
-        return [int(t) for t in spec.replace(" ", "").split(",") if t]
+        return [int(t) for t in spec.replace(" ", "").split(",")]
     except ValueError:
         raise ValueError(f"--prompt-ids {spec!r}: expected comma-separated integers such as 1,6,224") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _load(args):
     import nld_jax
 
     try:
-        model = nld_jax.load(args.checkpoint, dtype=args.dtype)
-        if args.chat:
-            if args.mode == "all":
-                raise ValueError("--chat needs one mode (ar, diffusion or spec)")
-            _chat(args, model)
-            return 0
-        prompts: list[list[int]] = []
-        labels: list[str] = []
-        for spec in args.prompt_ids:
-            prompts.append(_prompt_ids(spec))
-            labels.append(spec)
-        texts = [_valid_text(t, f"prompt {i}") for i, t in enumerate(args.prompts)] or \
-            ([] if prompts else [DEFAULT_PROMPT])
-        if texts and model.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer; pass token ids with --prompt-ids")
-        for text in texts:
-            prompts.append(model.tokenizer.encode(text))
-            labels.append(text)
-        for mode in (MODES if args.mode == "all" else (args.mode,)):
-            if args.mode == "all" and not args.json:
-                print(f"--- {mode}", flush=True)
-            _run(argparse.Namespace(**{**vars(args), "mode": mode}), model, prompts, labels)
+        return nld_jax.load(args.checkpoint, dtype=args.dtype)
+    except (ValueError, OSError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # a reader's own exception (e.g. a tokenizer library's): name the checkpoint
+        where = args.checkpoint or "the embedded default model"
+        raise ValueError(f"cannot load the checkpoint {where}: {type(e).__name__}: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
     except (ValueError, OSError) as e:  # ConfigError, CheckpointError and NonFiniteError are ValueErrors
         print(f"nld-generate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("nld-generate: interrupted", file=sys.stderr)
+        print("\nnld-generate: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the device failing (out of memory, ...): one line, not a traceback
+        if type(e).__name__ not in ("JaxRuntimeError", "XlaRuntimeError"):
+            raise
+        print(f"nld-generate: error: the device failed: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
+    from nld_jax import validation
+
+    _check(args)
+    model = _load(args)
+    if args.lora and model.lora is None:
+        raise ValueError("--lora: this checkpoint has no draft LoRA (linear_spec_lora/)")
+    if args.chat:
+        if args.mode == "all":
+            raise ValueError("--chat needs one mode (ar, diffusion or spec)")
+        _chat(args, model)
+        return 0
+    prompts: list[list[int]] = []
+    labels: list[str] = []
+    names: list[str] = []  # how an error names each prompt
+    for spec in args.prompt_ids:
+        prompts.append(_prompt_ids(spec))
+        labels.append(spec)
+        names.append(f"--prompt-ids {spec!r}")
+    texts = [_valid_text(t, f"prompt {i + 1}") for i, t in enumerate(args.prompts)] or \
+        ([] if prompts else [DEFAULT_PROMPT])
+    if texts and model.tokenizer is None:
+        raise ValueError("this checkpoint has no tokenizer; pass token ids with --prompt-ids")
+    for i, text in enumerate(texts):
+        prompts.append(model.tokenizer.encode(text))
+        labels.append(text)
+        names.append(f"prompt {i + 1}")
+    validation.prompt_ids(prompts, vocab=model.config.vocab_size, row_names=names)
+    # row b samples with seed + b: every row's seed must fit in 64 bits
+    validation.integer(args.seed, "--seed", minimum=0, maximum=validation.MAX_SEED - (len(prompts) - 1))
+    for mode in (MODES if args.mode == "all" else (args.mode,)):
+        if args.mode == "all" and not args.json:
+            print(f"--- {mode}", flush=True)
+        _run(argparse.Namespace(**{**vars(args), "mode": mode}), model, prompts, labels)
+    if not args.json:
+        print(LOAD_NOTE, file=sys.stderr)
     return 0
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import jax
 
 from nld_jax.decode.loop import MODE_LOGIC, StepSpec, decode, prefill, readout, rows_for, start, step
-from nld_jax.decode.options import (BLOCK_MODES, MODES, DecodeInputs, DecodeOptions, DecodeOutput, cache_size_for,
+from nld_jax.decode.options import (BLOCK_MODES, MODES, SPEC_MODES, DecodeInputs, DecodeOptions, DecodeOutput, cache_size_for,
                                     context_needed, output_size_for)
 from nld_jax.decode.spec import accepted_length
 from nld_jax.decode.state import DecodeState, Rows, Track
 
-__all__ = ["MODES", "BLOCK_MODES", "DecodeInputs", "DecodeOptions", "DecodeOutput", "DecodeState", "Rows", "Track",
+__all__ = ["MODES", "BLOCK_MODES", "SPEC_MODES", "DecodeInputs", "DecodeOptions", "DecodeOutput", "DecodeState", "Rows", "Track",
            "StepSpec", "MODE_LOGIC", "decode", "decode_jit", "prefill", "start", "step", "readout", "rows_for",
            "cache_size_for", "output_size_for", "context_needed", "accepted_length"]
 

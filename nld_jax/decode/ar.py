@@ -34,7 +34,7 @@ def request(rows: Rows, track: Track, config: NLDConfig) -> Request:
     B, W = track.blk.shape
     tokens = jnp.where(jnp.arange(W)[None, :] == 0, track.blk, config.mask_token_id)
     yes = jnp.ones((B,), bool)
-    return Request(tokens, BlockPattern.causal(B, W), write=yes, lora=~yes)
+    return Request.of(tokens, BlockPattern.causal(B, W), write=yes, lora=~yes)
 
 
 def advance(rows: Rows, track: Track, req: Request, dec: Decision, config: NLDConfig):

@@ -73,7 +73,7 @@ def request(rows: Rows, track: Track, config: NLDConfig) -> Request:
     commit = track.phase == COMMIT
     # Denoising sees the whole C-wide block (masks past the valid slots are right context).
     pattern = BlockPattern.per_row(commit, W, valid=rows.block_length)
-    return Request(track.blk, pattern, write=commit, lora=~commit & rows.use_lora)
+    return Request.of(track.blk, pattern, write=commit, lora=~commit & rows.use_lora)
 
 
 def _eos_stop(blk: jax.Array, in_block: jax.Array, stop_ids: jax.Array, mask_id: int) -> jax.Array:

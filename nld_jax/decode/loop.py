@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from nld_jax.config import NLDConfig
-from nld_jax.decode import ar, diffusion, spec
+from nld_jax.decode import ar, diffusion, spec, spec_quadratic
 from nld_jax.decode.listeners import emit
-from nld_jax.decode.options import DecodeInputs, DecodeOptions, DecodeOutput, output_size_for
+from nld_jax.decode.options import BLOCK_MODES, MODES, DecodeInputs, DecodeOptions, DecodeOutput, output_size_for
 from nld_jax.decode.sampling import Decision, decide
 from nld_jax.decode.state import DecodeState, Request, Rows, Track, first_index, is_stop, select_rows
 from nld_jax.kv_cache import KVCache
@@ -32,15 +32,19 @@ from nld_jax.attention import BlockPattern
 
 __all__ = ["StepSpec", "MODE_LOGIC", "prefill", "start", "step", "decode", "readout", "rows_for"]
 
-MODE_LOGIC: dict[str, ModuleType] = {"ar": ar, "diffusion": diffusion, "spec": spec}
+MODE_LOGIC: dict[str, ModuleType] = {"ar": ar, "diffusion": diffusion, "spec": spec,
+                                     "spec_quadratic": spec_quadratic}
+assert tuple(MODE_LOGIC) == MODES  # Rows.mode indexes MODES in every program
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
     """Static shape of one decode step (a static jit argument).
 
-    ``modes``: the modes rows of this program may use (a row's ``Rows.mode`` indexes it);
-    ``width``: tokens per forward (the largest block length; 1 for AR only); ``sample`` /
+    ``modes``: the modes this program steps (a row's ``Rows.mode`` indexes :data:`MODES`; rows of
+    other modes are left as they are, so a serving engine can step some modes apart);
+    ``width``: tokens per forward (the largest block length; 1 for AR only, which may step a
+    state built for wider blocks: AR reads only the first slot); ``sample`` /
     ``truncate``: sampling and top-p/top-k code is present; ``lora``: the draft LoRA is applied
     (gated per row); ``confidence``: decisions carry probabilities (diffusion, threshold drafts).
     """
@@ -58,6 +62,8 @@ class StepSpec:
         unknown = [m for m in self.modes if m not in MODE_LOGIC]
         if unknown or not self.modes:
             raise ValueError(f"unknown decode mode(s) {unknown or self.modes}; choose from {tuple(MODE_LOGIC)}")
+        if tuple(sorted(self.modes, key=MODES.index)) != self.modes or len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"modes must be distinct and in the order of {MODES}, got {self.modes}")
 
     @property
     def uniform(self) -> str | None:
@@ -92,7 +98,8 @@ def rows_for(inputs: DecodeInputs, options: DecodeOptions, config: NLDConfig) ->
     if inputs.stop_ids is not None:
         stop = jnp.concatenate([stop, jnp.asarray(inputs.stop_ids, jnp.int32).reshape(B, -1)], axis=1)
     budget = per_row(inputs.max_new_tokens, options.max_new_tokens, jnp.int32)
-    return Rows(mode=jnp.zeros((B,), jnp.int32), block_length=per_row(None, options.width, jnp.int32),
+    block = options.block_length if options.mode in BLOCK_MODES else 1
+    return Rows(mode=jnp.full((B,), MODES.index(options.mode), jnp.int32), block_length=per_row(None, block, jnp.int32),
                 max_new_tokens=jnp.clip(budget, 1, options.max_new_tokens),
                 temperature=per_row(inputs.temperature, 0.0, jnp.float32),
                 threshold=per_row(inputs.threshold, 0.0, jnp.float32),
@@ -114,7 +121,7 @@ def prefill(params, config: NLDConfig, cache: KVCache, tokens: jax.Array, length
     empty = KVCache(cache.k[:, :, :0], cache.v[:, :, :0], jnp.zeros((B,), jnp.int32))
     hidden, k, v = forward_hidden(params, config, tokens, empty, pattern=BlockPattern.causal(B, T), uniform="causal",
                                   embeddings=embeddings, runtime=runtime)
-    cache = cache.with_lengths(jnp.zeros((B,), jnp.int32)).write(k, v).advance(lengths)
+    cache = cache.with_lengths(jnp.zeros((B,), jnp.int32)).write(k, v, runtime=runtime).advance(lengths)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     return cache, last
 
@@ -139,31 +146,47 @@ def start(params, config: NLDConfig, rows: Rows, track: Track, last_hidden: jax.
 
 
 def _by_mode(rows: Rows, spec: StepSpec, per_mode: list):
+    """Each row takes the result of its own mode (of the modes this program runs)."""
     if len(per_mode) == 1:
         return per_mode[0]
     out = per_mode[0]
-    for i, other in enumerate(per_mode[1:], start=1):
-        out = select_rows(rows.mode == i, other, out)
+    for mode, other in zip(spec.modes[1:], per_mode[1:]):
+        out = select_rows(rows.mode == MODES.index(mode), other, out)
     return out
 
 
+def _in_program(rows: Rows, spec: StepSpec) -> jax.Array:
+    """Rows whose mode this program steps."""
+    return jnp.isin(rows.mode, jnp.asarray([MODES.index(m) for m in spec.modes], jnp.int32))
+
+
+def _narrowed(track: Track, width: int) -> Track:
+    return dataclasses.replace(track, blk=track.blk[:, :width], blk_at=track.blk_at[:, :width])
+
+
 def step(params, lora, state: DecodeState, *, config: NLDConfig, spec: StepSpec) -> DecodeState:
-    """One forward for every row: each live row's mode asks for its next forward, the batch runs
-    it once, and each row moves on. Rows that are done (or free slots) change nothing."""
-    rows, track, cache = state.rows, state.track, state.cache
-    live = ~track.done
+    """One forward for every row this program steps: each live row's mode asks for its next
+    forward, the batch runs it once, and each row moves on. Rows that are done, free slots and
+    rows of modes this program does not run change nothing."""
+    rows, full, cache = state.rows, state.track, state.cache
+    if spec.width < full.width and spec.modes != ("ar",):
+        raise ValueError(f"a program of width {spec.width} can step a state of width {full.width} in AR only")
+    track = _narrowed(full, spec.width) if spec.width < full.width else full
+    live = ~track.done & _in_program(rows, spec)
     req: Request = _by_mode(rows, spec, [MODE_LOGIC[m].request(rows, track, config) for m in spec.modes])
     hidden, k, v = forward_hidden(params, config, req.tokens, cache, pattern=req.pattern, uniform=spec.uniform,
                                   lora=lora if spec.lora else None, lora_gate=req.lora if spec.lora else None,
-                                  runtime=spec.runtime)
-    cache = cache.write(k, v, where=req.write & live)
+                                  offsets=req.offsets, runtime=spec.runtime)
+    cache = cache.write(k, v, where=req.write & live, runtime=spec.runtime)
     dec: Decision = decide(_heads(params, config, spec.runtime), hidden, rows, track.forwards, sample=spec.sample,
                            truncate=spec.truncate, confidence=spec.confidence)
     moved, grow = _by_mode(rows, spec, [MODE_LOGIC[m].advance(rows, track, req, dec, config) for m in spec.modes])
     bad = _nonfinite(hidden)
     moved = dataclasses.replace(moved, forwards=track.forwards + 1, nonfinite=bad, done=moved.done | bad)
-    track = select_rows(live, moved, track)
-    return DecodeState(cache.advance(jnp.where(live, grow, 0)), rows, track)
+    if track is not full:  # back to the state's width: AR touched only the first slot
+        moved = dataclasses.replace(moved, blk=full.blk.at[:, :spec.width].set(moved.blk),
+                                    blk_at=full.blk_at.at[:, :spec.width].set(moved.blk_at))
+    return DecodeState(cache.advance(jnp.where(live, grow, 0)), rows, select_rows(live, moved, full))
 
 
 def _nonfinite(hidden: jax.Array) -> jax.Array:

@@ -13,11 +13,12 @@ import dataclasses
 
 import jax
 
-__all__ = ["MODES", "BLOCK_MODES", "DecodeOptions", "DecodeInputs", "DecodeOutput", "output_size_for",
+__all__ = ["MODES", "BLOCK_MODES", "SPEC_MODES", "DecodeOptions", "DecodeInputs", "DecodeOutput", "output_size_for",
            "cache_size_for", "context_needed"]
 
-MODES = ("ar", "diffusion", "spec")
-BLOCK_MODES = ("diffusion", "spec")  # modes whose forwards are whole blocks
+MODES = ("ar", "diffusion", "spec", "spec_quadratic")
+BLOCK_MODES = ("diffusion", "spec", "spec_quadratic")  # modes whose forwards are whole blocks
+SPEC_MODES = ("spec", "spec_quadratic")  # self-speculation: a seed and block_length - 1 drafts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +47,15 @@ class DecodeOptions:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.block_length < 1:
             raise ValueError(f"block_length must be >= 1, got {self.block_length}")
-        if self.mode == "spec" and self.block_length < 2:
-            raise ValueError("spec mode needs block_length >= 2 (a seed and at least one draft slot)")
+        if self.mode in SPEC_MODES and self.block_length < 2:
+            raise ValueError(f"{self.mode} mode needs block_length >= 2 (a seed and at least one draft slot)")
 
     @property
     def width(self) -> int:
-        """Tokens per forward of the loop body (1 for AR)."""
+        """Tokens per forward of the loop body (1 for AR; a seed, its drafts and one group of
+        masks after each for quadratic self-speculation)."""
+        if self.mode == "spec_quadratic":
+            return self.block_length * (self.block_length + 1)
         return self.block_length if self.mode in BLOCK_MODES else 1
 
 
@@ -83,8 +87,8 @@ class DecodeOutput:
 
 def output_size_for(options: DecodeOptions) -> int:
     # AR never exceeds max_new_tokens; spec may overshoot by block-1 tokens (as the reference
-    # does) and diffusion writes whole blocks, so both get one block of slack.
-    return options.max_new_tokens + (options.width if options.mode in BLOCK_MODES else 0)
+    # does) and diffusion writes whole blocks, so the block modes get one block of slack.
+    return options.max_new_tokens + (options.block_length if options.mode in BLOCK_MODES else 0)
 
 
 def cache_size_for(prompt_bucket: int, options: DecodeOptions) -> int:
@@ -95,5 +99,8 @@ def cache_size_for(prompt_bucket: int, options: DecodeOptions) -> int:
 
 def context_needed(prompt_length: int, max_new_tokens: int, mode: str, block_length: int) -> int:
     """Positions a generation can touch: spec may run ``block_length - 1`` tokens past
-    ``max_new_tokens`` and diffusion's last block reaches as far."""
+    ``max_new_tokens`` and diffusion's last block reaches as far; quadratic spec's last mask
+    group drafts a whole block beyond its last draft."""
+    if mode == "spec_quadratic":
+        return prompt_length + max_new_tokens + 2 * block_length - 1
     return prompt_length + max_new_tokens + (block_length - 1 if mode in BLOCK_MODES else 0)

@@ -63,7 +63,8 @@ def truncate_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, tempe
     T = jnp.maximum(temperature, 1e-6)[:, None, None]
     probs = jax.nn.softmax(order / T, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
-    in_nucleus = mass_before < top_p[:, None, None]
+    # The most likely token is always in (a top_p that rounds to 0 in float32 keeps it alone).
+    in_nucleus = (mass_before < top_p[:, None, None]) | (jnp.arange(V) == 0)
     cut = jnp.min(jnp.where(in_nucleus, order, jnp.inf), axis=-1, keepdims=True)  # smallest kept logit
     keep = keep & (logits >= cut)
     return jnp.where(keep, logits, -jnp.inf)

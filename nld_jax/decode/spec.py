@@ -28,7 +28,7 @@ from nld_jax.decode.sampling import Decision, rank_descending
 from nld_jax.decode.state import Request, Rows, Track, first_index, gather_at, is_stop, write_rows
 from nld_jax.attention import BlockPattern
 
-__all__ = ["DRAFT", "VERIFY", "start", "request", "advance", "accepted_length"]
+__all__ = ["DRAFT", "VERIFY", "start", "request", "advance", "accepted_length", "emit_verified"]
 
 DRAFT, VERIFY = 0, 1
 
@@ -64,7 +64,7 @@ def request(rows: Rows, track: Track, config: NLDConfig) -> Request:
     B, W = track.blk.shape
     verify = track.phase == VERIFY
     pattern = BlockPattern.per_row(verify, W, valid=rows.block_length)
-    return Request(track.blk, pattern, write=verify, lora=~verify & rows.use_lora)
+    return Request.of(track.blk, pattern, write=verify, lora=~verify & rows.use_lora)
 
 
 def _draft(rows: Rows, track: Track, dec: Decision, mask_id: int) -> Track:
@@ -89,9 +89,17 @@ def _draft(rows: Rows, track: Track, dec: Decision, mask_id: int) -> Track:
 
 
 def _verify(rows: Rows, track: Track, dec: Decision, mask_id: int):
-    W = track.width
     verified = dec.tokens  # [B, W]: the greedy (or sampled) token after each slot
     accepted = accepted_length(track.blk, verified, rows.block_length)
+    verified_track, seed = emit_verified(rows, track, verified, accepted)
+    return _new_block(verified_track, seed, mask_id), accepted
+
+
+def emit_verified(rows: Rows, track: Track, verified: jax.Array, accepted: jax.Array) -> tuple[Track, jax.Array]:
+    """Emit the ``accepted [B]`` first verified tokens (through the first stop token), count the
+    verify forward, and return the next seed (the last accepted token, i.e. the bonus).
+    Shared by linear and quadratic self-speculation."""
+    W = verified.shape[1]
     # Stop at the first stop token among the accepted ones (keep it).
     slots = jnp.arange(W)[None, :]
     stop_at = first_index(is_stop(verified, rows.stop_ids) & (slots < accepted[:, None]), W)
@@ -103,8 +111,7 @@ def _verify(rows: Rows, track: Track, dec: Decision, mask_id: int):
     n = track.n + emitted
     done = track.done | (stop_at < W) | (n >= rows.max_new_tokens)
     seed = gather_at(verified, accepted - 1)
-    verified_track = dataclasses.replace(track, out=out, out_at=out_at, n=n, nfe=track.nfe + 1, done=done)
-    return _new_block(verified_track, seed, mask_id), accepted
+    return dataclasses.replace(track, out=out, out_at=out_at, n=n, nfe=track.nfe + 1, done=done), seed
 
 
 def advance(rows: Rows, track: Track, req: Request, dec: Decision, config: NLDConfig):

@@ -82,13 +82,23 @@ class DecodeState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Request:
-    """The forward a row asks for next: its block, who sees whom in it, whether it writes the
-    cache (causal forwards only) and whether the draft LoRA is on."""
+    """The forward a row asks for next: its block, who sees whom in it, where each block token
+    sits, whether it writes the cache (causal forwards only) and where the draft LoRA is on."""
 
     tokens: jax.Array  # [B, W] int32
     pattern: BlockPattern
-    write: jax.Array  # [B] bool
-    lora: jax.Array  # [B] bool
+    write: jax.Array  # [B] bool: the block's K/V go into the cache (causal forwards)
+    lora: jax.Array  # [B, W] bool: the draft LoRA on this token's o_proj
+    offsets: jax.Array  # [B, W] int32: position of each block token after the row's cached prefix
+
+    @classmethod
+    def of(cls, tokens, pattern: BlockPattern, write, lora, offsets=None) -> "Request":
+        """``lora`` per row ``[B]`` or per token ``[B, W]``; ``offsets`` default ``0..W-1``."""
+        B, W = tokens.shape
+        lora = jnp.broadcast_to(lora[:, None] if lora.ndim == 1 else lora, (B, W))
+        if offsets is None:
+            offsets = jnp.broadcast_to(jnp.arange(W, dtype=jnp.int32)[None], (B, W))
+        return cls(tokens, pattern, write, lora, offsets)
 
 
 def write_rows(buffer: jax.Array, values: jax.Array, start: jax.Array, active: jax.Array) -> jax.Array:

@@ -9,7 +9,8 @@ platform's hardware). Naming a kernel runs it or raises ``NotImplementedError`` 
 
 Patterns: XLA and the TPU and Triton kernels (compiled or interpreted) take any
 :class:`BlockPattern` as data, every row its own (causal, bidirectional, mixed in one batch,
-structured), and skip block-key tiles from it. The Mosaic GPU kernel keeps a static pattern:
+structured such as quadratic self-speculation's), and visit per query tile only the block-key
+tiles holding a key it sees (``mask.py``). The Mosaic GPU kernel keeps a static pattern:
 it runs only batches whose every row is ``uniform="causal"`` / ``"bidirectional"``; for
 ``uniform=None`` it is unsupported (``fallback=True`` then goes on to Triton).
 """

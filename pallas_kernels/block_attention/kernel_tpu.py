@@ -8,11 +8,15 @@ Grid ``(B, K, query-row tiles, cache tiles + block tiles)``; the last axis walks
 * The block's visibility is data (:class:`BlockPattern`, laid out by ``CacheBlockMask``): each
   query row carries its position's group and reach, each block key its group, and a tile's
   mask is one compare of the two. Rows of one batch may have different patterns.
-* Ragged lengths and block sparsity: ``cache_lengths`` and the per-(row, query tile) count of
-  block-key tiles (``CacheBlockMask.block_tiles``) are scalar-prefetched (SMEM). The index maps
-  clamp a tile index to the last tile needed, so the pipeline re-requests the tile it already
-  holds and issues no DMA for tiles past the length or past the queries' key extent; ``pl.when``
-  skips their compute. Causal query tiles thus stop at the block tile of their last position.
+* Ragged lengths and block sparsity: ``cache_lengths`` and, per (row, query tile), the list of
+  block-key tiles holding a visible key and its count (``CacheBlockMask.block_tile_list``) are
+  scalar-prefetched (SMEM). Cache steps clamp their tile to the row's last valid one; block
+  step j fetches tile ``list[j]``, and the list's padding repeats its last tile. Either way the
+  pipeline re-requests the tile it already holds and issues no DMA for a skipped step, and
+  ``pl.when`` skips its compute. Causal query tiles stop at the block tile of their last
+  position; a quadratic-spec group tile visits the drafts' tile and its own, not the fully
+  masked tiles between them. The grid keeps one step per block-key tile (it is static); a
+  skipped step costs only the pipeline's per-step overhead.
 * The cache is read as ``[B, S, K*Dh]`` (a free reshape) so a ``(block_kv, Dh)`` tile of one
   head is a strided DMA with Dh on the lanes; on real TPUs Dh must be a multiple of 128
   (``supported``), which NLD's 128 is. The interpreter has no such constraint.
@@ -84,7 +88,7 @@ def _online_softmax_step(q_ref, k_ref, v_ref, visible, key_ok, m_ref, l_ref, acc
     m_ref[...] = m_new
 
 
-def _kernel(lengths_ref, tiles_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, rg_ref, rr_ref, kg_ref, *refs,
+def _kernel(lengths_ref, count_ref, index_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, rg_ref, rr_ref, kg_ref, *refs,
             mask: CacheBlockMask, bk: int, bkn: int, n_q: int, n_cache: int, n_block: int, scale: float):
     o_ref, m_ref, l_ref, acc_ref = refs[-4:]  # an aliased poison input may precede them
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
@@ -107,10 +111,11 @@ def _kernel(lengths_ref, tiles_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, rg_re
 
     jb = j - n_cache
 
-    @pl.when((j >= n_cache) & (jb < tiles_ref[b * n_q + i]))
+    @pl.when((j >= n_cache) & (jb < count_ref[b * n_q + i]))
     def _block_tile():
-        u = jb * bkn + lax.broadcasted_iota(jnp.int32, (1, bkn), 1)
-        u_col = jb * bkn + lax.broadcasted_iota(jnp.int32, (bkn, 1), 0)
+        start = index_ref[(b * n_q + i) * n_block + jb] * bkn  # the tile block_map fetched
+        u = start + lax.broadcasted_iota(jnp.int32, (1, bkn), 1)
+        u_col = start + lax.broadcasted_iota(jnp.int32, (bkn, 1), 0)
         # [bq, 1] per query row against [1, bkn] per key: the tile's mask by broadcasting.
         row_group, row_reach = rg_ref[...][:, :1], rr_ref[...][:, :1]
         visible = mask.block(u, kg_ref[...][:1, :], row_group, row_reach)
@@ -152,8 +157,9 @@ def block_attention_tpu(q, k, v, cache_k, cache_v, cache_lengths, pattern: Block
     rows_padded = round_up(rows, bq)
     n_q, n_cache, n_block = rows_padded // bq, cdiv(S, bk), cdiv(T, bkn)
     mask = CacheBlockMask(T)
-    # SMEM holds 1-D arrays best: the [B, n_q] tile counts, flattened.
-    block_tiles = mask.block_tiles(pattern, G, bq, bkn).reshape(B * n_q)
+    # SMEM holds 1-D arrays best: the [B, n_q] counts and [B, n_q, n_block] lists, flattened.
+    tiles = mask.block_tile_list(pattern, G, bq, bkn)
+    block_count, block_index = tiles.count.reshape(B * n_q), tiles.index.reshape(B * n_q * n_block)
 
     q_rows = queries_as_rows(q, K, rows_padded)  # [B, K, Rp, Dh]
     # Free reshapes: one head's (tile, Dh) block is then a 2-D strided window.
@@ -166,24 +172,25 @@ def block_attention_tpu(q, k, v, cache_k, cache_v, cache_lengths, pattern: Block
     key_group = jnp.broadcast_to(mask.on_keys(pattern, bkn).reshape(B, n_block, 1, bkn),
                                  (B, n_block, _SUBLANES, bkn))
 
-    def q_map(b, h, i, j, lengths_ref, tiles_ref):
+    def q_map(b, h, i, j, *prefetch):
         return b, h, i, 0
 
-    def rows_map(b, h, i, j, lengths_ref, tiles_ref):
+    def rows_map(b, h, i, j, *prefetch):
         return b, i, 0
 
-    def cache_map(b, h, i, j, lengths_ref, tiles_ref):
+    def cache_map(b, h, i, j, lengths_ref, count_ref, index_ref):
         last = jnp.maximum(mask.cache_tiles(lengths_ref[b], bk) - 1, 0)
         return b, jnp.minimum(j, last), h
 
-    def block_tile(b, i, j, tiles_ref):
-        return jnp.clip(j - n_cache, 0, tiles_ref[b * n_q + i] - 1)
+    def block_tile(b, i, j, index_ref):
+        # Cache steps prefetch the first listed tile; steps past the count re-request the last.
+        return index_ref[(b * n_q + i) * n_block + jnp.clip(j - n_cache, 0, n_block - 1)]
 
-    def block_map(b, h, i, j, lengths_ref, tiles_ref):
-        return b, block_tile(b, i, j, tiles_ref), h
+    def block_map(b, h, i, j, lengths_ref, count_ref, index_ref):
+        return b, block_tile(b, i, j, index_ref), h
 
-    def key_group_map(b, h, i, j, lengths_ref, tiles_ref):
-        return b, block_tile(b, i, j, tiles_ref), 0, 0
+    def key_group_map(b, h, i, j, lengths_ref, count_ref, index_ref):
+        return b, block_tile(b, i, j, index_ref), 0, 0
 
     in_specs = [
         pl.BlockSpec((None, None, bq, Dh), q_map),
@@ -195,7 +202,7 @@ def block_attention_tpu(q, k, v, cache_k, cache_v, cache_lengths, pattern: Block
         pl.BlockSpec((None, bq, _LANES), rows_map),
         pl.BlockSpec((None, None, _SUBLANES, bkn), key_group_map),
     ]
-    operands = [lengths, block_tiles, q_rows, ck, cv, kn, vn, row_group, row_reach, key_group]
+    operands = [lengths, block_count, block_index, q_rows, ck, cv, kn, vn, row_group, row_reach, key_group]
     out_shape = jax.ShapeDtypeStruct((B, K, rows_padded, Dh), q.dtype)
     aliases = poison_outputs([out_shape], in_specs, operands) if poison else {}
 
@@ -204,7 +211,7 @@ def block_attention_tpu(q, k, v, cache_k, cache_v, cache_lengths, pattern: Block
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
+            num_scalar_prefetch=3,
             grid=(B, K, n_q, n_cache + n_block),
             in_specs=in_specs,
             out_specs=pl.BlockSpec((None, None, bq, Dh), q_map),

@@ -8,10 +8,13 @@ writes an unnormalised ``(acc, max, sum)`` partial; :func:`merge_partials` folds
 * The block's visibility is data (:class:`BlockPattern`, laid out by ``CacheBlockMask``): each
   query row carries its position's group and reach, each block key its group, and a tile's
   mask is one compare of the two. Rows of one batch may have different patterns.
-* Ranges are cut per row from that row's own tile count (``cdiv(length, block_kv)`` cache
-  tiles plus the block-key tiles its query tile needs, ``CacheBlockMask.block_tiles``, an int32
-  operand), so loops are bounded by the length and the queries' key extent, and tiles past
-  them are never loaded: short rows and causal query tiles simply finish early.
+* Block sparsity: a program visits its row's ``cdiv(length, block_kv)`` cache tiles, then the
+  block-key tiles its query tile lists (``CacheBlockMask.block_tile_list``, int32 operands:
+  the tiles holding a key one of its rows sees, and their count); step j of the block loop
+  loads tile ``list[j]``. The ranges are cut from that visit list (cache tiles first), so the
+  splits share the visited tiles only, and tiles past the length or off the list are never
+  loaded: short rows and causal query tiles finish early, and a quadratic-spec group tile
+  skips the fully masked tiles between the drafts and its own.
 * GQA: the G query heads of a KV head are rows of one ``tl.dot`` (``queries_as_rows``).
 * Loads past the valid range are masked (``other=0``), which also keeps padded garbage out.
 """
@@ -59,7 +62,7 @@ def supported_triton(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
-def _kernel(len_ref, tiles_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, rg_ref, rr_ref, kg_ref, *refs,
+def _kernel(len_ref, count_ref, index_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, rg_ref, rr_ref, kg_ref, *refs,
             mask: CacheBlockMask, bk: int, bkn: int, n_splits: int, scale: float):
     from jax.experimental.pallas import triton as pl_triton
 
@@ -71,7 +74,7 @@ def _kernel(len_ref, tiles_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, rg_ref, r
     row_group, row_reach = rg_ref[...][:, None], rr_ref[...][:, None]
 
     n_cache = mask.cache_tiles(length, bk)
-    total = n_cache + tiles_ref[...]
+    total = n_cache + count_ref[...]
     per_split = idiv(total + n_splits - 1, n_splits)
     lo = jnp.minimum(split * per_split, total)
     hi = jnp.minimum(lo + per_split, total)
@@ -96,11 +99,12 @@ def _kernel(len_ref, tiles_ref, q_ref, ck_ref, cv_ref, kn_ref, vn_ref, rg_ref, r
         key_ok = mask.cache(slots, length)
         return fold(carry, ck_ref, cv_ref, t * bk, bk, key_ok, key_ok[None, :])
 
-    def block_step(t, carry):
-        u = t * bkn + jnp.arange(bkn, dtype=jnp.int32)
-        key_group = kg_ref[pl.ds(t * bkn, bkn)]  # padded to whole tiles: an unmasked load
+    def block_step(j, carry):
+        start = index_ref[j] * bkn
+        u = start + jnp.arange(bkn, dtype=jnp.int32)
+        key_group = kg_ref[pl.ds(start, bkn)]  # padded to whole tiles: an unmasked load
         visible = mask.block(u[None, :], key_group[None, :], row_group, row_reach)
-        return fold(carry, kn_ref, vn_ref, t * bkn, bkn, u < mask.block_len, visible)
+        return fold(carry, kn_ref, vn_ref, start, bkn, u < mask.block_len, visible)
 
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full(row_group.shape[:1], NEG_INF, jnp.float32),
              jnp.zeros(row_group.shape[:1], jnp.float32))
@@ -147,18 +151,20 @@ def block_attention_triton(q, k, v, cache_k, cache_v, cache_lengths, pattern: Bl
     mask = CacheBlockMask(T)
     row_group, row_reach = mask.on_rows(pattern, G, rows_padded)
     key_group = mask.on_keys(pattern, bkn)
+    tiles = mask.block_tile_list(pattern, G, bq, bkn)
 
     full = lambda length: pl.BlockSpec((None, length, None, Dh), lambda b, h, i, s: (b, 0, h, 0))
     per_row_tile = lambda shape: pl.BlockSpec(shape, lambda b, h, i, s: (b, i))
     in_specs = [
         pl.BlockSpec((None,), lambda b, h, i, s: (b,)),
         per_row_tile((None, None)),
+        pl.BlockSpec((None, None, tiles.index.shape[-1]), lambda b, h, i, s: (b, i, 0)),
         pl.BlockSpec((None, None, bq, Dh), lambda b, h, i, s: (b, h, i, 0)),
         full(S), full(S), full(T), full(T),
         per_row_tile((None, bq)), per_row_tile((None, bq)),
         pl.BlockSpec((None, key_group.shape[1]), lambda b, h, i, s: (b, 0)),
     ]
-    operands = [lengths, mask.block_tiles(pattern, G, bq, bkn), q_rows, cache_k.astype(k.dtype),
+    operands = [lengths, tiles.count, tiles.index, q_rows, cache_k.astype(k.dtype),
                 cache_v.astype(v.dtype), k, v, row_group, row_reach, key_group]
     part_shapes = [jax.ShapeDtypeStruct((B, K, n_splits, rows_padded, Dh), jnp.float32),
                    jax.ShapeDtypeStruct((B, K, n_splits, rows_padded), jnp.float32),

@@ -7,10 +7,13 @@ the kernels as data laid out on their ``(t, g)``-ordered query-row axis (``row =
 each query row gets the ``group`` and ``reach`` of its position, each block key its ``group``.
 One compiled kernel thus serves causal, bidirectional, mixed and structured batches alike.
 
-Block-sparse metadata, both exact (a skipped tile is fully invisible, the last visited one is
-not): cache tiles come from the traced row length, an integer formula the kernels evaluate in
-their index maps and loop bounds; block-key tiles per (row, query tile) come from
-:meth:`BlockPattern.key_extent`, an int32 array computed in jnp before the kernel runs.
+Block-sparse metadata, both exact (every skipped tile is fully invisible, every visited one
+holds a visible key): cache tiles come from the traced row length, an integer formula the
+kernels evaluate in their index maps and loop bounds; block-key tiles come per (row, query tile)
+as a :class:`BlockTileList`, computed in jnp from the pattern before the kernel runs: the tiles
+holding a key that one of the query tile's rows sees, in ascending order. A causal query tile
+lists the tiles up to its last position, a bidirectional one all; a quadratic-spec group lists
+the tiles of the seed and drafts it sees and its own, not the fully masked ones between them.
 """
 
 from __future__ import annotations
@@ -22,8 +25,28 @@ import jax.numpy as jnp
 
 from pallas_kernels._common import cdiv, idiv, positions_as_rows, round_up
 from pallas_kernels.block_attention.pattern import BlockPattern
+from pallas_kernels.block_sparse import visit_lists
 
-__all__ = ["CacheBlockMask"]
+__all__ = ["BlockTileList", "CacheBlockMask"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockTileList:
+    """Per (row, query tile): the block-key tiles to visit. ``index [B, n_q, n_kt]`` lists them in
+    ascending order, padded by repeating the last one (a kernel whose index map follows the
+    list then re-requests the tile it holds: no DMA); ``count [B, n_q]`` says how many are real
+    (>= 1: a query sees its own key)."""
+
+    index: jax.Array  # [B, n_q, n_kt] int32
+    count: jax.Array  # [B, n_q] int32
+
+    def visited(self) -> jax.Array:
+        """Dense ``[B, n_q, n_kt]`` bool: the tiles a kernel following the list visits."""
+        n_kt = self.index.shape[-1]
+        real = jnp.arange(n_kt)[None, None, :] < self.count[..., None]
+        hit = self.index[..., :, None] == jnp.arange(n_kt)  # [B, n_q, list entry, tile]
+        return jnp.any(hit & real[..., None], axis=-2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +99,17 @@ class CacheBlockMask:
         """Cache tiles holding at least one valid slot (tiles past them are skipped)."""
         return idiv(length + block_kv - 1, block_kv)
 
-    def block_tiles(self, pattern: BlockPattern, group: int, block_q: int, block_kv_new: int) -> jax.Array:
-        """``[B, n_q]`` int32: block-key tiles each query tile visits, those up to the largest
-        key any of its rows sees. Causal rows stop at the tile of their last position,
-        bidirectional ones visit all; every count is >= 1 (a query sees its own key)."""
-        rows_padded = round_up(self.block_len * group, block_q)
-        extent = positions_as_rows(pattern.key_extent(), group, rows_padded)
-        per_tile = jnp.max(extent.reshape(extent.shape[0], rows_padded // block_q, block_q), axis=-1)
-        return cdiv(per_tile, block_kv_new).astype(jnp.int32)
+    def block_tile_visible(self, pattern: BlockPattern, group: int, block_q: int, block_kv_new: int) -> jax.Array:
+        """``[B, n_q, n_kt]`` bool: whether query tile i (``block_q`` rows of the ``(t, g)`` row
+        axis, padding rows repeating the last position) sees any key of block-key tile kt."""
+        B, T = pattern.shape
+        n_kt = cdiv(T, block_kv_new)
+        visible = jnp.pad(pattern.visible(), ((0, 0), (0, 0), (0, n_kt * block_kv_new - T)))
+        by_tile = jnp.any(visible.reshape(B, T, n_kt, block_kv_new), axis=-1)  # [B, T, n_kt]
+        rows_padded = round_up(T * group, block_q)
+        rows = positions_as_rows(by_tile, group, rows_padded)
+        return jnp.any(rows.reshape(B, rows_padded // block_q, block_q, n_kt), axis=2)
+
+    def block_tile_list(self, pattern: BlockPattern, group: int, block_q: int, block_kv_new: int) -> BlockTileList:
+        """The block-key tiles each query tile visits: those of :meth:`block_tile_visible`."""
+        return BlockTileList(*visit_lists(self.block_tile_visible(pattern, group, block_q, block_kv_new)))

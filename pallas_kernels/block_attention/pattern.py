@@ -12,14 +12,16 @@ one kind of call:
 * bidirectional (diffusion denoising, the speculative draft): every valid position in one
   group, ``reach = 0``; padding positions past a row's ``width`` get a group of their own, so
   real queries never see them and they still see themselves (no empty softmax row);
-* structured patterns (quadratic self-speculation: causal drafts, then groups of masks that see
-  a prefix of the drafts and each other) are other values of the same two arrays.
+* quadratic self-speculation (:meth:`BlockPattern.quadratic`): the seed and C-1 drafts causal,
+  then C groups of C masks, group j seeing block keys ``0..j`` and itself; other structured
+  patterns are other values of the same two arrays.
 
 Every query sees at least its own key, so no softmax row is ever empty.
 
-The kernels evaluate the same predicate tile by tile and skip block-key tiles from
-:meth:`BlockPattern.key_extent` (see ``mask.py``), so every pattern, whatever its rows, is one
-compiled kernel.
+The kernels evaluate the same predicate tile by tile and visit, per query tile, only the
+block-key tiles holding a key one of its queries sees (``mask.py``), so every pattern, whatever
+its rows, is one compiled kernel, and a sparse one (the quadratic groups) costs its visible
+tiles, not its extent.
 """
 
 from __future__ import annotations
@@ -64,20 +66,29 @@ class BlockPattern:
         pick = causal[:, None]
         return cls(jnp.where(pick, c.group, b.group), jnp.where(pick, c.reach, b.reach))
 
+    @classmethod
+    def quadratic(cls, batch: int, block_length: jax.Array | int, width: int | None = None) -> "BlockPattern":
+        """Quadratic self-speculation's block of width ``C + C*C`` (``C = block_length``, per row or
+        one for all): the seed and drafts (positions ``0..C-1``) causal; group ``j`` (positions
+        ``C + j*C ..``) sees block keys ``0..j`` and its own C positions. ``width`` (default
+        ``C + C*C``; needed when ``C`` is an array) may exceed a row's: positions past it are
+        padding, each its own group, so no real query sees them."""
+        if width is None:
+            if not isinstance(block_length, int):
+                raise ValueError("width is needed when block_length is an array")
+            width = block_length * (block_length + 1)
+        t = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[None], (batch, width))
+        C = jnp.reshape(jnp.asarray(block_length, jnp.int32), (-1, 1))
+        verify = t < C
+        j = jnp.maximum(t - C, 0) // C
+        in_group = ~verify & (j < C)
+        # Group j's id ``width + j`` is no position index: it cannot meet a causal or padding group.
+        group = jnp.where(in_group, width + j, t)
+        reach = jnp.where(verify, t, jnp.where(in_group, j + 1, 0))
+        return cls(group, reach)
+
     def visible(self) -> jax.Array:
         """Dense ``[B, T, T]`` block mask (query t, key u)."""
         T = self.group.shape[1]
         u = jnp.arange(T, dtype=jnp.int32)[None, None, :]
         return (u < self.reach[:, :, None]) | (self.group[:, None, :] == self.group[:, :, None])
-
-    def key_extent(self) -> jax.Array:
-        """``[B, T]`` int32: 1 + the largest block key each query sees (>= t + 1, its own key).
-
-        Keys at or past it are invisible to that query: the bound the kernels skip block-key
-        tiles with. Derived from :meth:`visible` rather than a formula per pattern, so that a
-        structured pattern (a group spread over the block, a reach past the query) is bounded
-        exactly too; the ``[B, T, T]`` compare is what the XLA path builds anyway.
-        """
-        T = self.group.shape[1]
-        u = jnp.arange(1, T + 1, dtype=jnp.int32)
-        return jnp.max(jnp.where(self.visible(), u, 0), axis=-1)
