@@ -4,15 +4,20 @@ called one request at a time in the same run (the baseline of the ratio).
 The load is ``--requests`` greedy completions (modes in turn, code prompts, ``--max-tokens``
 each), sent by ``--concurrency`` client threads that stream every answer (SSE) so that the time
 to the first token (TTFT) and the time per output token after it (ITL: (last - first chunk) /
-(tokens - 1), per request) can be read. Each server configuration (``--ar-steps``) is an
-``nld-serve`` process of its own, compiled before the load. Every answer's token count is
-checked against the baseline's (greedy: they must be equal). The baseline runs again at the
-end, which shows how much the machine's load moved during the run. ``--profile`` adds the
-engine's step time per program and slot count, and the scheduler's host time per step,
-measured in process.
+(tokens - 1), per request) can be read. The server is one ``nld-serve`` process (extra
+arguments in ``--serve-args``), started before the load; an untimed warm-up load at each
+concurrency lets it compile the step programs that load needs (in the background, see
+``nld_jax/serving/engine.py``), and the bench waits until none is pending. Every answer's
+token count is checked against the baseline's (greedy: they must be equal), and the step
+programs the server compiled during the timed loads are counted (0 expected). The baseline
+runs before and after each timed load, and the ratio (``x base``) is over their mean: on a
+shared machine the load moves during a run, and this way it moves both sides alike.
+``--profile`` adds, in process, each mode's cost per forward inside ``generate`` at batch
+1 / 4 / 16 next to the engine's step program at the same number of rows (the bound on what
+batching can gain on this machine) and the scheduler's host time per iteration.
 
     python benchmarks/serve_bench.py                                    # 64 requests, concurrency 1 4 16
-    python benchmarks/serve_bench.py --ar-steps auto narrow --profile
+    python benchmarks/serve_bench.py --profile --requests 0             # the per-forward costs only
     python benchmarks/serve_bench.py --modes ar --concurrency 16 --requests 32
 """
 
@@ -81,11 +86,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, ar_steps: str, log) -> tuple[subprocess.Popen, int]:
+def start_server(args, log) -> tuple[subprocess.Popen, int]:
     port = free_port()
     command = [sys.executable, "-m", "nld_jax.cli.serve", "--port", str(port), "--slots", str(args.slots),
-               "--max-new-tokens", str(args.max_tokens), "--max-queue", str(args.requests),
-               "--ar-steps", ar_steps, "--model-name", "bench"]
+               "--max-new-tokens", str(args.max_tokens), "--max-queue", str(max(args.requests, 16)),
+               "--model-name", "bench", *args.serve_args.split()]
     if args.checkpoint:
         command += ["--checkpoint", args.checkpoint]
     if args.block_width:
@@ -106,6 +111,27 @@ def start_server(args, ar_steps: str, log) -> tuple[subprocess.Popen, int]:
             time.sleep(0.2)
     process.kill()
     raise RuntimeError("nld-serve was not ready within 600 s")
+
+
+def metric(port: int, name: str) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def warm(port: int, work: list[dict], max_tokens: int, concurrencies: list[int]) -> float:
+    """An untimed load at each concurrency, then wait for the background compiler; its seconds."""
+    started = time.perf_counter()
+    for concurrency in concurrencies:
+        run_load(port, work[:max(2 * concurrency, 4)], max_tokens, concurrency)
+    deadline = time.monotonic() + 900
+    while metric(port, "nld_programs_pending") > 0 and time.monotonic() < deadline:
+        time.sleep(1)
+    return time.perf_counter() - started
 
 
 def stop_server(process: subprocess.Popen) -> int:
@@ -158,50 +184,95 @@ def run_load(port: int, work: list[dict], max_tokens: int, concurrency: int) -> 
 # ---------------------------------------------------------------------- profile
 
 
-def profile(model, slot_counts: list[int], args, steps: int = 20) -> None:
-    """Device time of one step of each program at each slot count (every program computes all
-    its slots, live or not), the snapshot the scheduler reads after it, and the scheduler's
-    host work per step (its loop time minus the engine calls)."""
+def matmul_roofline(model, token_counts: list[int], repeats: int = 5) -> None:
+    """GFLOP/s of the model's MLP matmuls (up and down projection) for ``token_counts`` tokens: an
+    AR row is 1 token a forward, a block row 32, sixteen block rows 512. When a block row alone
+    already runs near the rate of sixteen, batching block rows cannot gain much on this machine."""
     import jax
+    import jax.numpy as jnp
 
-    from nld_jax.serving.engine import Engine, EngineConfig, SlotSettings
+    D, F = model.config.hidden_size, model.config.intermediate_size
+    rates = []
+    for m in token_counts:
+        x, up, down = jnp.ones((m, D)), jnp.ones((D, F)), jnp.ones((F, D))
+        run = jax.jit(lambda x, up, down: jax.lax.fori_loop(0, 50, lambda i, y: (y @ up) @ down * 1e-3, x))
+        run(x, up, down).block_until_ready()
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run(x, up, down).block_until_ready()
+            best = min(best, time.perf_counter() - t)
+        rates.append(f"{m} tokens {50 * 4 * m * D * F / best / 1e9:.0f}")
+    print(f"MLP matmuls [tokens, {D}] x [{D}, {F}] x [{F}, {D}], GFLOP/s: {', '.join(rates)}")
+
+
+def profile(model, args, batches=(1, 4, 16), steps: int = 8, repeats: int = 3) -> None:
+    """Per mode and batch: ms per forward inside ``generate`` (a while_loop on the device: the
+    cost of the forward itself), and of the engine's step program for that many rows (span 128,
+    ``steps`` steps per dispatch, and its gather / write-back alone), best of ``repeats``; then
+    ``x max`` = batch * generate(batch 1) / engine(batch), the most a full batch of that mode can
+    gain over one-at-a-time ``generate`` on this machine. Then the matmul rates behind it
+    (:func:`matmul_roofline`) and the scheduler's host time per iteration."""
+    import jax
+    import numpy as np
+
+    from nld_jax.serving.engine import Engine, EngineConfig, ProgramKey, SlotSettings
     from nld_jax.serving.scheduler import Request, Scheduler
 
-    print("\nprofile (in process; ms per step)")
-    print(f"{'slots':>5} {'ar_steps':>8} {'program':>40} {'step':>8} {'snapshot':>9}")
-    for slots in slot_counts:
-        for ar_steps in ("narrow", "wide"):  # auto runs one of these two programs each step
-            engine = Engine(model, EngineConfig(slots=slots, max_new_tokens=args.max_tokens, ar_steps=ar_steps,
-                                                max_len=args.max_len, block_width=args.block_width))
-            engine.warmup()
-            for modes, width in engine._groups:
-                program = engine._step[modes, False]
-                engine.state = jax.block_until_ready(program(model.params, model.lora, engine.state))
-                t = time.perf_counter()
-                for _ in range(steps):
-                    engine.state = program(model.params, model.lora, engine.state)
-                jax.block_until_ready(engine.state)
-                step = (time.perf_counter() - t) / steps
-                t = time.perf_counter()
-                for _ in range(steps):
-                    engine.snapshot()
-                snap = (time.perf_counter() - t) / steps
-                print(f"{slots:>5} {ar_steps:>8} {'+'.join(modes) + f' (width {width})':>40} {step * 1e3:8.2f} "
-                      f"{snap * 1e3:9.2f}")
-    # Host work of the scheduler per step, with all slots busy in AR (the cheapest device step).
-    slots = slot_counts[-1]
+    slots = max(batches)
     engine = Engine(model, EngineConfig(slots=slots, max_new_tokens=args.max_tokens, max_len=args.max_len,
-                                        block_width=args.block_width))
+                                        block_width=args.block_width, quad_block=0))
     engine.warmup()
+    prompt = PROMPTS[3]
+    ids = model.tokenizer.encode(prompt)
+    block = args.block_length or engine.width
+    print(f"\nprofile (in process; ms per forward, best of {repeats}; prompt {prompt!r}, max_tokens "
+          f"{args.max_tokens}, block_length {block})")
+    print(f"{'mode':>10} {'batch':>5} {'generate':>9} {'engine':>8} {'gather+write-back':>18} {'x max':>6}")
+    for mode in args.modes.split(","):
+        group = "ar" if mode == "ar" else "block"
+        settings = SlotSettings(mode=mode, max_new_tokens=args.max_tokens, block_length=1 if mode == "ar" else block,
+                                threshold=0.9 if mode == "diffusion" else None)
+        single = None
+        for b in batches:
+            gen = []
+            for _ in range(repeats + 1):
+                out = nld_jax.generate(model, [prompt] * b, mode=mode, max_new_tokens=args.max_tokens,
+                                       block_length=None if mode == "ar" else block)
+                # forwards in the loop: nfe counts the prefill too, except in diffusion
+                gen.append(out.seconds / max(max(out.nfe) - (mode != "diffusion"), 1))
+            key = ProgramKey(group, b, 128, False)
+            program = engine._programs.get(key) or engine._build(key)
+            idx = np.arange(b, dtype=np.int32)
+            timed = {0: [], steps: []}
+            for _ in range(repeats):
+                for n in timed:
+                    for slot in range(b):
+                        engine.admit(slot, ids, settings)
+                    jax.block_until_ready(engine.state)
+                    t = time.perf_counter()
+                    engine.state, ran = program(model.params, model.lora, engine.state, idx, np.int32(n))
+                    ran = int(ran)
+                    timed[n].append((time.perf_counter() - t) / max(ran, 1))
+            for slot in range(b):
+                engine.retire(slot)
+            g, e, overhead = min(gen[1:]), min(timed[steps]), min(timed[0])
+            single = single or g
+            print(f"{mode:>10} {b:>5} {g * 1e3:9.2f} {e * 1e3:8.2f} {overhead * 1e3:18.2f} {b * single / e:6.2f}",
+                  flush=True)
+    matmul_roofline(model, [1, 32, 16 * 32])
+    # Host work of the scheduler per iteration, with all slots busy in AR (the cheapest device step).
     scheduler = Scheduler(engine, max_queue=4 * slots, tokenizer=model.tokenizer)
-    timed = {"engine": 0.0, "steps": 0}
+    timed = {"engine": 0.0, "iterations": 0, "steps": 0}
     inner_step, inner_snapshot = engine.step, engine.snapshot
 
-    def step(live):
+    def step(live, dispatch_seconds=None):
         t = time.perf_counter()
-        inner_step(live)
+        ran = inner_step(live, dispatch_seconds)
         timed["engine"] += time.perf_counter() - t
-        timed["steps"] += 1
+        timed["iterations"] += 1
+        timed["steps"] += ran
+        return ran
 
     def snapshot():
         t = time.perf_counter()
@@ -219,10 +290,11 @@ def profile(model, slot_counts: list[int], args, steps: int = 20) -> None:
         job.result(REQUEST_SECONDS)
     wall = time.perf_counter() - started
     scheduler.stop()
-    n = max(timed["steps"], 1)
-    print(f"scheduler, {slots} AR rows: {wall / n * 1e3:.2f} ms per loop iteration, of which engine step + snapshot "
-          f"{timed['engine'] / n * 1e3:.2f} ms; host work (prefill dispatch, token hand-off, text decoding, stop "
-          f"strings) {(wall - timed['engine']) / n * 1e3:.2f} ms")
+    engine.close()
+    n = max(timed["iterations"], 1)
+    print(f"scheduler, {slots} AR rows: {n} iterations of {timed['steps'] / n:.1f} steps, {wall / n * 1e3:.2f} ms "
+          f"each, of which engine dispatch + snapshot {timed['engine'] / n * 1e3:.2f} ms; host work (prefill "
+          f"dispatch, token hand-off, text decoding, stop strings) {(wall - timed['engine']) / n * 1e3:.2f} ms")
 
 
 # ---------------------------------------------------------------------- main
@@ -240,52 +312,54 @@ def main(argv=None) -> int:
     p.add_argument("--block-length", type=int, default=None,
                    help="every request's block_length (and the baseline's); default the checkpoint's")
     p.add_argument("--max-len", type=int, default=None, help="nld-serve --max-len (default: the model's context)")
-    p.add_argument("--ar-steps", nargs="+", default=["auto", "narrow", "wide"], choices=["auto", "narrow", "wide"])
-    p.add_argument("--profile", action="store_true", help="also time each engine program in process")
+    p.add_argument("--serve-args", default="", help="more nld-serve arguments, e.g. '--dispatch-ms 20'")
+    p.add_argument("--profile", action="store_true", help="also time generate and the engine's programs in process")
     args = p.parse_args(argv)
 
     model = nld_jax.load(args.checkpoint)
     modes = args.modes.split(",")
+    if args.requests > 0:
+        load(model, args, modes)
+    if args.profile:
+        profile(model, args)
+    return 0
+
+
+def load(model, args, modes: list[str]) -> None:
+    """The server at each concurrency, each run between two runs of the baseline (before and
+    after: the ratio is over their mean, so that a change in the machine's load hits both sides)."""
     work = workload(args.requests, modes, args.block_length)
     print(f"nld-serve bench: {args.requests} requests ({'/'.join(modes)} in turn), max_tokens {args.max_tokens}, "
           f"{args.slots} slots, block width {args.block_width or 'default'}, block_length "
-          f"{args.block_length or 'default'}, max-len {args.max_len or 'default'}, greedy; model {model.path}; "
-          f"{os.cpu_count()} CPUs (shared machine: numbers vary)")
-    header = (f"\n{'':26} {'conc':>4} {'req/s':>7} {'out tok/s':>9} {'x base':>6} {'TTFT ms p50/p90/p99':>20} "
-              f"{'ITL ms p50/p90/p99':>19} {'tokens != generate':>18}")
-    base = baseline(model, work, args.max_tokens)
-
-    def row(label, concurrency, r, mismatched) -> None:  # printed as it is measured: a long run shows progress
-        print(f"{label:26} {concurrency:>4} {r['rps']:7.2f} {r['tps']:9.1f} {r['tps'] / base['tps']:6.2f} "
-              f"{r.get('ttft', '-'):>20} {r.get('itl', '-'):>19} {'-' if mismatched is None else mismatched:>18}",
-              flush=True)
-
-    print(header)
-    row("generate, one at a time", "-", base, None)
-    # Every server is started first and the configurations take turns at each concurrency, so
-    # that a change in the machine's load over the run hits them alike.
-    servers = {}
+          f"{args.block_length or 'default'}, max-len {args.max_len or 'default'}, serve args "
+          f"{args.serve_args or '-'}, greedy; model {model.path}; {os.cpu_count()} CPUs (shared machine: numbers vary)",
+          flush=True)
+    log = tempfile.NamedTemporaryFile("wb", prefix="serve-bench-", suffix=".log", delete=False)
+    process = None
     try:
-        for ar_steps in args.ar_steps:
-            log = tempfile.NamedTemporaryFile("wb", prefix=f"serve-bench-{ar_steps}-", suffix=".log", delete=False)
-            servers[ar_steps] = (*start_server(args, ar_steps, log), log)
+        process, port = start_server(args, log)
+        seconds = warm(port, work, args.max_tokens, args.concurrency)
+        compiled = metric(port, "nld_programs_compiled")
+        print(f"(server warm-up load and background compilation: {seconds:.0f} s, {compiled:.0f} step programs)")
+        print(f"\n{'':10} {'conc':>4} {'req/s':>7} {'out tok/s':>9} {'generate before/after':>21} {'x base':>6} "
+              f"{'TTFT ms p50/p90/p99':>20} {'ITL ms p50/p90/p99':>19} {'tokens != generate':>18}", flush=True)
+        before = baseline(model, work, args.max_tokens)
         for concurrency in args.concurrency:
-            for ar_steps, (_, port, _) in servers.items():
-                result = run_load(port, work, args.max_tokens, concurrency)
-                row(f"nld-serve {ar_steps}", concurrency, result,
-                    sum(a != b for a, b in zip(result["tokens"], base["tokens"])))
+            r = run_load(port, work, args.max_tokens, concurrency)
+            after = baseline(model, work, args.max_tokens)
+            base = (before["tps"] + after["tps"]) / 2
+            mismatched = sum(a != b for a, b in zip(r["tokens"], before["tokens"]))
+            print(f"{'nld-serve':10} {concurrency:>4} {r['rps']:7.2f} {r['tps']:9.1f} "
+                  f"{before['tps']:>10.1f}/{after['tps']:<10.1f} {r['tps'] / base:6.2f} {r['ttft']:>20} "
+                  f"{r['itl']:>19} {mismatched:>18}", flush=True)
+            before = after
+        print(f"step programs compiled during the timed loads: {metric(port, 'nld_programs_compiled') - compiled:.0f}")
     finally:
-        for ar_steps, (process, _, log) in servers.items():
+        if process is not None:
             code = stop_server(process)
-            log.close()
             if code != 0:
-                print(f"warning: nld-serve ({ar_steps}) exited with {code}; log: {log.name}")
-    again = baseline(model, work, args.max_tokens)
-    print(f"generate, one at a time, again at the end: {again['tps']:.1f} tokens/s (the load on the machine moved "
-          f"by {again['tps'] / base['tps'] - 1:+.0%})")
-    if args.profile:
-        profile(model, sorted({1, 4, args.slots}), args)
-    return 0
+                print(f"warning: nld-serve exited with {code}; log: {log.name}")
+        log.close()
 
 
 if __name__ == "__main__":

@@ -210,7 +210,14 @@ _REQUIRED_VALUES: dict[str, tuple[str, Any]] = {
     "attn_logit_softcapping": ("null", lambda v: v is None),
 }
 
-_MODEL_TYPES = {"nemotron_labs_diffusion", "ministral_dlm", "ministral_diff", "ministral3"}
+_MODEL_TYPES = {"nemotron_labs_diffusion", "ministral_dlm", "ministral_diff", "ministral3",
+                "nemotron_labs_diffusion_vlm"}
+
+# The vision half of a VLM config.json (NVIDIA's keeps the text fields at the root): read and
+# checked by nld_jax.vision.config, not part of the text model.
+VLM_FIELDS = {"vision_config", "spatial_merge_size", "projector_hidden_act", "multimodal_projector_bias",
+              "vision_feature_layer", "image_token_id", "image_token_index", "image_break_token_id",
+              "image_end_token_id"}
 
 _ROPE_KEYS = {
     "rope_theta", "rope_type", "type", "factor", "original_max_position_embeddings", "beta_fast",
@@ -277,6 +284,10 @@ def _rope_from_hf(hf: Mapping[str, Any], max_pos: int) -> RopeConfig:
         value = hf.get(field)
         if value is not None and not isinstance(value, dict):
             raise ConfigError(f"config field {field} must be an object or null, got {type(value).__name__}")
+        clash = sorted(k for k, v in (value or {}).items() if k in params and params[k] != v)
+        if clash:
+            raise ConfigError(f"config fields rope_scaling and rope_parameters disagree on {clash}: "
+                              "give one value for each")
         params.update(value or {})
     if "rope_theta" in hf and "rope_theta" not in params:
         params["rope_theta"] = hf["rope_theta"]
@@ -341,7 +352,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> NLDConfig:
     for field, (expected, ok) in _REQUIRED_VALUES.items():
         if field in hf and not ok(hf[field]):
             raise ConfigError(f"config field {field}={hf[field]!r:.80} is not supported (expected {expected})")
-    known = _ARCH_FIELDS | _HARMLESS_FIELDS | set(_REQUIRED_VALUES)
+    known = _ARCH_FIELDS | _HARMLESS_FIELDS | set(_REQUIRED_VALUES) | VLM_FIELDS
     unknown = sorted(k for k in hf if k not in known)
     if unknown:
         raise ConfigError(

@@ -30,6 +30,7 @@ from nld_jax.loading import NLDModel
 from nld_jax.partitioning import ShardingRules, place_global, replicated
 from nld_jax.placement import Placement
 from nld_jax.programs import PROGRAMS
+from nld_jax.vision.prompts import multimodal_prompts
 
 __all__ = ["GenerationResult", "NonFiniteError", "generate", "bucket_length", "budget_bucket", "resolve_settings"]
 
@@ -91,6 +92,9 @@ class Settings:
     use_lora: bool
 
 
+QUADRATIC_DEFAULT_BLOCK = 8  # spec_quadratic's default k (72 tokens per forward), unless block_length says
+
+
 def resolve_settings(model: NLDModel, mode: str, max_new_tokens, block_length, threshold, temperature, use_lora,
                      top_p=1.0, top_k=0) -> Settings:
     """Validate the decoding arguments and fill the defaults (the checkpoint's
@@ -101,6 +105,10 @@ def resolve_settings(model: NLDModel, mode: str, max_new_tokens, block_length, t
     max_new = validation.integer(max_new_tokens, "max_new_tokens", minimum=1)
     if block_length is None:
         block_length = getattr(defaults, "block_length", None) or model.config.block_size
+        if mode == "spec_quadratic":
+            # A quadratic forward holds k drafts and k*k masks: at the checkpoints' k=32 that is
+            # 1056 tokens, compute-bound on every device (benchmarks/spec_quadratic_bench.py).
+            block_length = min(block_length, QUADRATIC_DEFAULT_BLOCK)
     block = validation.integer(block_length, "block_length", minimum=1)
     if mode in SPEC_MODES and block < 2:
         raise ValueError(f"{mode} mode needs block_length >= 2 (a seed and at least one draft slot)")
@@ -143,7 +151,7 @@ def generate(model: NLDModel, prompts, mode: str = "ar", max_new_tokens: int = 1
              seed: int | Sequence[int] = 0, *, top_p: float = 1.0, top_k: int = 0,
              stop_token_ids: Sequence[int] | None = None, mesh=None, rules: ShardingRules | None = None,
              implementation: str = "auto", on_tokens: Callable[[int, list[int]], None] | None = None,
-             embeddings=None) -> GenerationResult:
+             embeddings=None, kv_cache: str | None = None, images=None) -> GenerationResult:
     """Generate from a batch of prompts (token-id lists, ragged allowed, or strings).
 
     ``mode``: ``"ar"``, ``"diffusion"`` (block diffusion), ``"spec"`` (linear self-speculation) or
@@ -160,9 +168,19 @@ def generate(model: NLDModel, prompts, mode: str = "ar", max_new_tokens: int = 1
     it raises stops the generation and is re-raised here). ``mesh`` / ``rules``: run on a mesh
     (default: the mesh the weights live on, if any). ``embeddings [B, T, D]``: prompt embeddings
     that replace the token embeddings (image features; rows padded like the prompts).
+    ``kv_cache="int8"``: keys and values cached as int8 with one float32 scale per vector (about
+    half a bf16 cache; every cached K/V rounded to 8 bits), default the model's dtype.
+    ``images`` (a vision-language checkpoint): one list per prompt (None or [] for none) of file
+    paths, PIL images or arrays; each image's tokens go where the prompt has one image token per
+    image, else first (:mod:`nld_jax.vision.prompts`). Their features are computed once, before
+    decoding, and enter as prompt embeddings: every mode sees them only as cached prefix.
     """
+    if kv_cache not in (None, "int8"):
+        raise ValueError(f"kv_cache must be None (the model's dtype) or 'int8', got {kv_cache!r}")
     s = resolve_settings(model, mode, max_new_tokens, block_length, threshold, temperature, use_lora, top_p, top_k)
     ids = validation.prompt_ids(prompts, vocab=model.config.vocab_size, tokenizer=model.tokenizer)
+    if images is not None:
+        ids, embeddings = _with_images(model, ids, images, embeddings)
     stops = validation.token_ids(stop_token_ids, "stop_token_ids", vocab=model.config.vocab_size)
     seeds = validation.seed_value(seed, len(ids))
     on_tokens = validation.callback(on_tokens, "on_tokens")
@@ -201,13 +219,13 @@ def generate(model: NLDModel, prompts, mode: str = "ar", max_new_tokens: int = 1
     params, lora, _, _ = place.weights(model)
     size = cache_size_for(bucket, options)
     rank = None if lora is None else int(lora["A"].shape[-1])
-    in_sh, out_sh = place.decode_shardings(model.config, host, batch, size, rank)
+    in_sh, out_sh = place.decode_shardings(model.config, host, batch, size, rank, quantized_cache=kv_cache == "int8")
     # device_put, not jnp.asarray: no eager program per input shape (which JAX would recompile after
     # the program cache releases its caches)
     inputs = jax.device_put(host) if in_sh is None else jax.tree.map(place.put, host, in_sh[3])
     cache_sh = None if out_sh is None else out_sh[1]
     alloc, _ = PROGRAMS.get(_empty_cache, (), static=dict(config=model.config, batch=batch, size=size,
-                                                            dtype=jnp.dtype(model.dtype)),
+                                                            dtype=jnp.dtype(jnp.int8 if kv_cache else model.dtype)),
                             out_shardings=cache_sh)
     cache = alloc()
     program, compile_seconds = PROGRAMS.get(decode, (params, lora, cache, inputs),
@@ -233,6 +251,14 @@ def generate(model: NLDModel, prompts, mode: str = "ar", max_new_tokens: int = 1
     decided = [out.decided_at[b, :out.num_tokens[b]].tolist() for b in range(rows)]
     text = [model.tokenizer.decode(t) for t in toks] if model.tokenizer is not None else None
     return GenerationResult(toks, out.nfe[:rows].tolist(), s.mode, seconds, text, decided, compile_seconds)
+
+
+def _with_images(model: NLDModel, ids: list[list[int]], images, embeddings):
+    """``(ids with the image layouts, prompt embeddings)`` of prompts with images."""
+    if embeddings is not None:
+        raise ValueError("give images or embeddings, not both (image features become the prompt embeddings)")
+    return multimodal_prompts(model.vision, model.vision_config, model.params, ids, images,
+                              model.config.bos_token_id, model.config.max_position_embeddings)
 
 
 def _first_rows(on_tokens, rows: int):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nld_jax import validation
 from nld_jax.config import NLDConfig
@@ -18,18 +19,21 @@ from nld_jax.model import BlockPattern, forward_hidden, forward_logits, lm_head
 from nld_jax.partitioning import named_sharding
 from nld_jax.programs import PROGRAMS
 from nld_jax.runtime import DEFAULT_RUNTIME, Runtime
+from nld_jax.vision.prompts import multimodal_prompts
 
 __all__ = ["forward", "block_logits", "block_logits_fn"]
 
 
-def block_logits_fn(params, lora, prefix, block, *, config: NLDConfig, runtime: Runtime = DEFAULT_RUNTIME):
+def block_logits_fn(params, lora, prefix, block, prefix_embeddings=None, *, config: NLDConfig,
+                    runtime: Runtime = DEFAULT_RUNTIME):
     """Pure version of :func:`block_logits`: prefix runs causally into a cache, then the block
-    runs bidirectionally over it (cache read-only), with ``lora`` on ``o_proj`` if given."""
+    runs bidirectionally over it (cache read-only), with ``lora`` on ``o_proj`` if given;
+    ``prefix_embeddings [B, P, D]`` replace the prefix's token embeddings (images)."""
     B, P = prefix.shape
     C = block.shape[1]
     cache = KVCache.empty(config, B, P, params["embed_tokens"].dtype)
     _, k, v = forward_hidden(params, config, prefix, cache, pattern=BlockPattern.causal(B, P), uniform="causal",
-                             runtime=runtime)
+                             embeddings=prefix_embeddings, runtime=runtime)
     cache = cache.write(k, v, runtime=runtime).advance(jnp.full((B,), P, jnp.int32))
     hidden, _, _ = forward_hidden(params, config, block, cache, pattern=BlockPattern.bidirectional(B, C),
                                   uniform="bidirectional", lora=lora, runtime=runtime)
@@ -44,10 +48,26 @@ def _logits_layout(model: NLDModel, place: Placement, shapes, out_shape):
     return tok, out
 
 
-def forward(model: NLDModel, tokens, *, mesh=None, rules=None, implementation: str = "auto") -> jax.Array:
+def _image_embeddings(model: NLDModel, tokens: np.ndarray, images, place: Placement):
+    """``(embeddings [B, T, D], their sharding)`` of ``tokens`` that already hold every image's
+    layout (a logit-level call keeps the caller's positions), or ``(None, None)``."""
+    if images is None:
+        return None, None
+    placed, emb = multimodal_prompts(model.vision, model.vision_config, model.params, tokens.tolist(), images,
+                                     model.config.bos_token_id, model.config.max_position_embeddings)
+    if any(len(p) != tokens.shape[1] for p in placed):
+        raise ValueError("with images, forward and block_logits take tokens that already hold each image's full "
+                         "layout (nld_jax.vision.image_token_layout), so that positions stay the caller's")
+    sharding = None if place.mesh is None else named_sharding(("batch", "seq", "act_embed"), emb.shape, place.mesh,
+                                                              place.rules, what="embeddings")
+    return place.put(emb.astype(model.dtype), sharding), sharding
+
+
+def forward(model: NLDModel, tokens, *, images=None, mesh=None, rules=None, implementation: str = "auto") -> jax.Array:
     """Causal logits ``[B, T, V]`` (float32) of ``tokens`` at positions ``0..T-1``, no cache.
 
-    Logits at position i predict token i+1.
+    Logits at position i predict token i+1. ``images`` (a vision-language checkpoint): one list
+    per row, the rows holding each image's full token layout.
     """
     tokens = validation.token_array(tokens, vocab=model.config.vocab_size, name="tokens")
     if tokens.shape[1] > model.config.max_position_embeddings:
@@ -56,21 +76,23 @@ def forward(model: NLDModel, tokens, *, mesh=None, rules=None, implementation: s
     place = Placement.for_model(model, mesh, rules)
     params, _, p_sh, _ = place.weights(model)
     tok_sh, out_sh = _logits_layout(model, place, [tokens.shape], (*tokens.shape, model.config.V))
-    args = (params, place.put(tokens, tok_sh[0] if tok_sh else None))
+    emb, emb_sh = _image_embeddings(model, tokens, images, place)
+    args = (params, place.put(tokens, tok_sh[0] if tok_sh else None), emb)
     program, _ = PROGRAMS.get(_forward, args, static=dict(config=model.config, runtime=place.runtime(implementation)),
-                              in_shardings=None if p_sh is None else (p_sh, tok_sh[0]), out_shardings=out_sh)
+                              in_shardings=None if p_sh is None else (p_sh, tok_sh[0], emb_sh), out_shardings=out_sh)
     return program(*args)
 
 
-def _forward(params, tokens, *, config, runtime):
-    return forward_logits(params, config, tokens, runtime=runtime)
+def _forward(params, tokens, embeddings, *, config, runtime):
+    return forward_logits(params, config, tokens, embeddings=embeddings, runtime=runtime)
 
 
-def block_logits(model: NLDModel, prefix, block, use_lora: bool = False, *, mesh=None, rules=None,
+def block_logits(model: NLDModel, prefix, block, use_lora: bool = False, *, images=None, mesh=None, rules=None,
                  implementation: str = "auto") -> jax.Array:
     """Diffusion-mode logits ``[B, C, V]`` of ``block`` after ``prefix`` (both ``[B, *]`` ids).
 
-    Logits at block position j predict the token at position j itself (unshifted).
+    Logits at block position j predict the token at position j itself (unshifted). ``images``:
+    as in :func:`forward`, for the prefix.
     """
     vocab = model.config.vocab_size
     prefix = validation.token_array(prefix, vocab=vocab, name="prefix")
@@ -87,9 +109,10 @@ def block_logits(model: NLDModel, prefix, block, use_lora: bool = False, *, mesh
     if not use_lora:
         lora, l_sh = None, None
     tok_sh, out_sh = _logits_layout(model, place, [prefix.shape, block.shape], (*block.shape, model.config.V))
+    emb, emb_sh = _image_embeddings(model, prefix, images, place)
     args = (params, lora, place.put(prefix, tok_sh[0] if tok_sh else None),
-            place.put(block, tok_sh[1] if tok_sh else None))
-    in_sh = None if p_sh is None else (p_sh, l_sh, tok_sh[0], tok_sh[1])
+            place.put(block, tok_sh[1] if tok_sh else None), emb)
+    in_sh = None if p_sh is None else (p_sh, l_sh, tok_sh[0], tok_sh[1], emb_sh)
     program, _ = PROGRAMS.get(block_logits_fn, args,
                               static=dict(config=model.config, runtime=place.runtime(implementation)),
                               in_shardings=in_sh, out_shardings=out_sh)

@@ -25,6 +25,7 @@ from jax import lax
 from nld_jax import quant
 from nld_jax.config import NLDConfig
 from nld_jax.params import CACHE_AXES
+from nld_jax.partitioning import DEFAULT_RULES, ShardingRules, cache_shardings
 from nld_jax.runtime import Runtime
 
 __all__ = ["KVCache", "dequantize_kv"]
@@ -47,6 +48,12 @@ class KVCache:
             return cls(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8), jnp.zeros((batch,), jnp.int32),
                        jnp.zeros(shape[:-1], jnp.float32), jnp.zeros(shape[:-1], jnp.float32))
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+    @classmethod
+    def shardings(cls, config: NLDConfig, mesh, batch: int, size: int, rules: ShardingRules = DEFAULT_RULES,
+                  quantized: bool = False) -> "KVCache":
+        """A cache whose leaves are the shardings of a ``[batch, size]`` cache on ``mesh``."""
+        return cls(**cache_shardings(config, mesh, batch, size, rules, quantized=quantized))
 
     @property
     def quantized(self) -> bool:

@@ -24,13 +24,15 @@ import numpy as np
 
 from nld_jax import partitioning, quant
 from nld_jax.checkpoint import finite, hf, orbax
-from nld_jax.checkpoint.directory import GenerationDefaults, load_hf_config, read_generation_defaults
+from nld_jax.checkpoint.directory import CONFIG_FILE, GenerationDefaults, load_configs, read_generation_defaults
 from nld_jax.checkpoint.errors import CheckpointError
 from nld_jax.checkpoint.files import CheckpointFiles
 from nld_jax.checkpoint.hub import resolve_checkpoint
 from nld_jax.config import NLDConfig
 from nld_jax.params import flatten_tree, init_lora, init_params, param_specs, quantized_leaves, tree_from_flat
 from nld_jax.tokenizer import Tokenizer, load_tokenizer
+from nld_jax.vision.config import VisionConfig, resolve_image_tokens
+from nld_jax.vision.params import vision_shardings
 
 __all__ = ["NLDModel", "load", "quantize", "random_model", "DEFAULT_CHECKPOINT", "resolve_dtype", "stored_dtype",
            "layout_of"]
@@ -66,6 +68,10 @@ class NLDModel:
     tokenizer: Tokenizer | None = None
     path: str | None = None
     generation: GenerationDefaults = GenerationDefaults()  # the checkpoint's generation_config.json
+    # A VLM's vision tower and projector ({"tower", "projector"}, nld_jax.vision.params) and their
+    # config; None for a text-only checkpoint.
+    vision: dict | None = None
+    vision_config: VisionConfig | None = None
 
     @property
     def dtype(self):
@@ -168,7 +174,10 @@ def load(path: str | os.PathLike | None = None, dtype="float32", *, load_lora: b
     scheme = None if quantize is None else quant.scheme(quantize).name
     files = CheckpointFiles(DEFAULT_CHECKPOINT if path is None else resolve_checkpoint(path))
     layout = layout_of(files)
-    config = load_hf_config(files)
+    config, vision_config = load_configs(files)
+    if vision_config is not None and layout == "orbax":
+        raise CheckpointError(f"{files.directory}: a converted (Orbax) vision-language checkpoint is not supported "
+                              "yet; load NVIDIA's safetensors directory")
     dt = resolve_dtype(stored_dtype(files) if dtype is None else dtype)
     if check_finite is None:
         check_finite = finite.default_on(config.num_params() * np.dtype(dt).itemsize)
@@ -189,11 +198,19 @@ def load(path: str | os.PathLike | None = None, dtype="float32", *, load_lora: b
         rank = orbax.lora_rank(files) if load_lora else None
         lora = orbax.read_lora(files, config, lora_sharding_of(rank), check_finite) if rank else None
     else:
-        params = hf.read_hf_params(files, config, dt, param_sharding_of, check_finite, finish=finish)
+        params = hf.read_hf_params(files, config, dt, param_sharding_of, check_finite, finish=finish,
+                                   vision=vision_config is not None)
         rank = hf.hf_lora_rank(files) if load_lora else None
         lora = hf.read_hf_lora(files, config, lora_sharding_of(rank), check_finite) if rank else None
     tok = load_tokenizer(files, config.bos_token_id, config.eos_token_id) if load_tokenizer_files else None
-    return NLDModel(config, params, lora, tok, files.directory, read_generation_defaults(files))
+    vision = None
+    if vision_config is not None:
+        vision_config = resolve_image_tokens(vision_config, tok, files.shown(CONFIG_FILE), config.V)
+        vision_sharding_of = (vision_shardings(vision_config, mesh, rules) if mesh is not None
+                              else lambda leaf: jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        vision = hf.read_hf_vision(files, vision_config, dt, vision_sharding_of, check_finite)
+    return NLDModel(config, params, lora, tok, files.directory, read_generation_defaults(files), vision,
+                    vision_config)
 
 
 def quantize(model: NLDModel, scheme: str = "int8") -> NLDModel:

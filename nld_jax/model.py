@@ -186,10 +186,12 @@ def greedy_head(params, config: NLDConfig, hidden: jax.Array, *, with_confidence
     return _greedy_head(hidden, weight, with_confidence=with_confidence, implementation=impl)
 
 
-def forward_logits(params, config: NLDConfig, tokens: jax.Array, *, runtime: Runtime = DEFAULT_RUNTIME) -> jax.Array:
-    """Causal logits ``[B, T, V]`` of a forward without cache (positions ``0..T-1``)."""
+def forward_logits(params, config: NLDConfig, tokens: jax.Array, *, embeddings=None,
+                   runtime: Runtime = DEFAULT_RUNTIME) -> jax.Array:
+    """Causal logits ``[B, T, V]`` of a forward without cache (positions ``0..T-1``);
+    ``embeddings [B, T, D]`` replace the token embeddings when given (images)."""
     B, T = tokens.shape
     empty = KVCache.empty(config, B, 0, params["embed_tokens"].dtype)
     hidden, _, _ = forward_hidden(params, config, tokens, empty, pattern=BlockPattern.causal(B, T),
-                                  uniform="causal", runtime=runtime)
+                                  uniform="causal", embeddings=embeddings, runtime=runtime)
     return lm_head(params, config, hidden, runtime)

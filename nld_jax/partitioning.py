@@ -196,20 +196,15 @@ def lora_shardings(config: NLDConfig, mesh: Mesh, rank: int, rules: ShardingRule
 
 
 def cache_shardings(config: NLDConfig, mesh: Mesh, batch: int, size: int, rules: ShardingRules = DEFAULT_RULES,
-                    notes: list[str] | None = None, quantized: bool = False):
-    """A :class:`nld_jax.kv_cache.KVCache` whose leaves are the shardings of ``k``, ``v`` and ``lengths``
-    (and, for an int8 cache, of its scales)."""
-    from nld_jax.kv_cache import KVCache
-
+                    notes: list[str] | None = None, quantized: bool = False) -> dict:
+    """``{name: sharding}`` of the KV cache's leaves (``k``, ``v``, ``lengths`` and, for an int8
+    cache, its scales); :meth:`nld_jax.kv_cache.KVCache.shardings` wraps them in a cache."""
     shape = (config.L, batch, size, config.K, config.Dh)
-    scales = {}
+    shapes = {"k": shape, "v": shape, "lengths": (batch,)}
     if quantized:
-        scales = {name: named_sharding(CACHE_AXES[name], shape[:-1], mesh, rules, what=f"cache.{name}", notes=notes)
-                  for name in ("k_scale", "v_scale")}
-    return KVCache(named_sharding(CACHE_AXES["k"], shape, mesh, rules, what="cache.k", notes=notes),
-                   named_sharding(CACHE_AXES["v"], shape, mesh, rules, what="cache.v", notes=notes),
-                   named_sharding(CACHE_AXES["lengths"], (batch,), mesh, rules, what="cache.lengths", notes=notes),
-                   **scales)
+        shapes.update(k_scale=shape[:-1], v_scale=shape[:-1])
+    return {name: named_sharding(CACHE_AXES[name], shp, mesh, rules, what=f"cache.{name}", notes=notes)
+            for name, shp in shapes.items()}
 
 
 def fallback_notes(config: NLDConfig, mesh, rules: ShardingRules = DEFAULT_RULES, batch: int | None = None,

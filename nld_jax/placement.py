@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from nld_jax.decode import DecodeInputs, DecodeOutput
+from nld_jax.kv_cache import KVCache
 from nld_jax.loading import NLDModel
-from nld_jax.partitioning import (DEFAULT_RULES, ShardingRules, batch_shards, cache_shardings, lora_shardings,
+from nld_jax.partitioning import (DEFAULT_RULES, ShardingRules, batch_shards, lora_shardings,
                                   mesh_of, named_sharding, param_shardings, place_global, put_tree, replicated)
 from nld_jax.quant import Quantization, quantization_of
 from nld_jax.runtime import Runtime
@@ -61,7 +62,8 @@ class Placement:
         return named_sharding(("batch",) + (None,) * (len(shape) - 1), shape, self.mesh, self.rules,
                               what="inputs")
 
-    def decode_shardings(self, config, inputs: DecodeInputs, batch: int, cache_size: int, lora_rank: int | None):
+    def decode_shardings(self, config, inputs: DecodeInputs, batch: int, cache_size: int, lora_rank: int | None,
+                         quantized_cache: bool = False):
         """``(in_shardings, out_shardings)`` of the decode program (None without a mesh): weights
         and LoRA as declared, cache and per-row inputs over the batch axes, scalars and results
         replicated (the results are small; every process can read them)."""
@@ -69,7 +71,7 @@ class Placement:
             return None, None
         rep = replicated(self.mesh)
         inputs_sh = jax.tree.map(lambda x: self.rows(x.shape) if x.ndim else rep, inputs)
-        cache_sh = cache_shardings(config, self.mesh, batch, cache_size, self.rules)
+        cache_sh = KVCache.shardings(config, self.mesh, batch, cache_size, self.rules, quantized=quantized_cache)
         lora_sh = None if not lora_rank else lora_shardings(config, self.mesh, lora_rank, self.rules)
         in_sh = (param_shardings(config, self.mesh, self.rules, quantization=self.quantization), lora_sh, cache_sh,
                  inputs_sh)

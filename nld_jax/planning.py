@@ -35,11 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from nld_jax.config import NLDConfig
-from nld_jax.decode import MODES, DecodeInputs, DecodeOptions, cache_size_for, decode
+from nld_jax.decode import MODES, SPEC_MODES, DecodeInputs, DecodeOptions, cache_size_for, decode
 from nld_jax.placement import Placement
 from nld_jax.kv_cache import KVCache
 from nld_jax.params import abstract_params, lora_axes
-from nld_jax.partitioning import DEFAULT_RULES, ShardingRules, cache_shardings
+from nld_jax.partitioning import DEFAULT_RULES, ShardingRules
 from nld_jax.quant import Quantization
 
 __all__ = ["DEVICES", "CPU_COMPILER_OPTIONS", "MAX_ELEMENTS", "ModeReport", "check_extent", "plan", "fits"]
@@ -117,19 +117,15 @@ def plan(config: NLDConfig, mesh, *, batch: int, prompt_len: int, max_new_tokens
     place = Placement(mesh, rules, quantization)
     reports = []
     for mode in modes:
-        rank = lora_rank if mode == "spec" and lora_rank else None
+        rank = lora_rank if mode in SPEC_MODES and lora_rank else None
         options = DecodeOptions(mode=mode, max_new_tokens=max_new_tokens, block_length=block_length,
                                 use_threshold=mode == "diffusion", use_lora=rank is not None)
         size = cache_size_for(prompt_len, options)
         inputs = _abstract_inputs(batch, prompt_len)
-        in_sh, out_sh = place.decode_shardings(config, inputs, batch, size, rank)
-        cache_dtype = dtype
-        if kv_cache == "int8":
-            cache_dtype = jnp.int8
-            cache_sh = cache_shardings(config, mesh, batch, size, rules, quantized=True)
-            in_sh, out_sh = (*in_sh[:2], cache_sh, in_sh[3]), (out_sh[0], cache_sh)
-        elif kv_cache is not None:
+        if kv_cache not in (None, "int8"):
             raise ValueError(f"kv_cache must be None or 'int8', got {kv_cache!r}")
+        in_sh, out_sh = place.decode_shardings(config, inputs, batch, size, rank, quantized_cache=kv_cache == "int8")
+        cache_dtype = jnp.int8 if kv_cache == "int8" else dtype
         params = _abstract(abstract_params(config, dtype, quantization), in_sh[0])
         lora = None
         if rank:

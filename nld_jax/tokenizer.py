@@ -29,6 +29,13 @@ class Tokenizer:
         self.chat_template = chat_template
         self.special_tokens = special_tokens or {}
 
+    def token_id(self, text: str) -> int | None:
+        """The id of the one token spelled ``text`` (``"[IMG]"``), or None when there is none."""
+        if self.kind == "tokenizers":
+            return self._backend.token_to_id(text)
+        found = self._backend.piece_to_id(text)
+        return found if self._backend.id_to_piece(found) == text else None
+
     # ---- encoding ------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.kind == "tokenizers":

@@ -138,3 +138,202 @@ def assert_within(actual, expected, bound, what: str = "output") -> None:
     worst = np.unravel_index(np.argmax(err - bound), err.shape)
     assert (err <= bound).all(), (f"{what}: |error| {err[worst]:.3g} exceeds the bound {np.broadcast_to(bound, err.shape)[worst]:.3g} "
                                   f"at {tuple(int(i) for i in worst)} ({int((err > bound).sum())} of {err.size} elements)")
+
+
+# --------------------------------------------------------------------------------------
+# The whole model in numpy float64 (training layout), for the training objectives
+# --------------------------------------------------------------------------------------
+# Written from the checkpoint's own description (config.json, HF tensor names and layouts,
+# PEFT's adapter_config.json) and the training layout NVIDIA documents in the golden cases
+# (tests/data/nld-tiny/golden/cases.json, "c_train_block_diff"): nothing of nld_jax is used.
+# It is itself checked against NVIDIA's training logits (test_training.py).
+
+_ST_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32}
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+    """A ``.safetensors`` file as float64 / integer arrays: 8-byte little-endian header size, a
+    JSON header of ``{name: {dtype, shape, data_offsets}}``, then the raw little-endian data."""
+    import json
+    import struct
+
+    import ml_dtypes
+
+    raw = open(path, "rb").read()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + size])
+    data = raw[8 + size:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = ml_dtypes.bfloat16 if info["dtype"] == "BF16" else _ST_DTYPES[info["dtype"]]
+        x = np.frombuffer(data[start:end], dtype=np.dtype(dtype).newbyteorder("<")).reshape(info["shape"])
+        out[name] = x.astype(np.float64) if x.dtype.kind == "f" or info["dtype"] == "BF16" else x
+    return out
+
+
+def load_checkpoint(ckpt_dir) -> tuple[dict, dict, dict | None]:
+    """``(config.json, {HF name: float64 array}, LoRA or None)`` of an HF-format NLD checkpoint.
+
+    The LoRA is ``{"A": [layer] -> [r, H*Dh], "B": [layer] -> [D, r], "scale": alpha / r}`` from
+    ``linear_spec_lora/`` (PEFT, target o_proj, no rslora)."""
+    import json
+    import pathlib
+
+    ckpt_dir = pathlib.Path(ckpt_dir)
+    config = json.loads((ckpt_dir / "config.json").read_text())
+    weights = read_safetensors(ckpt_dir / "model.safetensors")
+    lora = None
+    if (ckpt_dir / "linear_spec_lora").is_dir():
+        adapter = json.loads((ckpt_dir / "linear_spec_lora" / "adapter_config.json").read_text())
+        assert adapter["target_modules"] == ["o_proj"] and not adapter.get("use_rslora")
+        tensors = read_safetensors(ckpt_dir / "linear_spec_lora" / "adapter_model.safetensors")
+        prefix = "base_model.model.encoder.layers.{}.self_attn.o_proj.lora_{}.weight"
+        n = config["num_hidden_layers"]
+        lora = {"A": [tensors[prefix.format(i, "A")] for i in range(n)],
+                "B": [tensors[prefix.format(i, "B")] for i in range(n)],
+                "scale": adapter["lora_alpha"] / adapter["r"]}
+    return config, weights, lora
+
+
+def yarn_inverse_frequencies(config: dict) -> tuple[np.ndarray, float]:
+    """``(inv_freq [Dh/2], attention_factor)`` of transformers' YaRN (``_compute_yarn_parameters``), float64."""
+    import math
+
+    rope = config["rope_parameters"]
+    dim = config["head_dim"]
+    base = rope["rope_theta"]
+    freqs = base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if rope["rope_type"] == "default":
+        return 1.0 / freqs, 1.0
+    assert rope["rope_type"] == "yarn", rope
+    factor = rope["factor"]
+    original = rope.get("original_max_position_embeddings") or config["max_position_embeddings"]
+    if "original_max_position_embeddings" in rope:
+        factor = config["max_position_embeddings"] / original
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        if rope.get("mscale") and rope.get("mscale_all_dim"):
+            attention_factor = mscale(factor, rope["mscale"]) / mscale(factor, rope["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(rotations):
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.get("beta_fast") or 32), correction_dim(rope.get("beta_slow") or 1)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    extrapolation = 1.0 - ramp
+    inv = (1.0 / (factor * freqs)) * (1 - extrapolation) + (1.0 / freqs) * extrapolation
+    return inv, float(attention_factor)
+
+
+def block_diff_visible(L: int, block: int) -> np.ndarray:
+    """``[2L, 2L]`` visibility of the ``[noisy | clean]`` training layout, as the golden cases
+    state it: noisy -> noisy in the same block; noisy -> clean in a strictly earlier block;
+    clean -> clean causally; clean -> noisy never (``block(i) = (i mod L) // block``)."""
+    out = np.zeros((2 * L, 2 * L), bool)
+    for q in range(2 * L):
+        for k in range(2 * L):
+            qb, kb = (q % L) // block, (k % L) // block
+            if q < L:
+                out[q, k] = qb == kb if k < L else qb > kb
+            else:
+                out[q, k] = k >= L and k <= q
+    return out
+
+
+def train_logits(config: dict, weights: dict, noisy, clean, block: int, lora: dict | None = None,
+                 lora_on_noisy_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(noisy-half logits [B, L, V], clean-half logits [B, L, V])`` in float64 of NVIDIA's training
+    forward: RoPE positions ``0..L-1`` in each half, the llama-4 query scale at positions
+    ``0..2L-1``, ``block_diff_visible``; the LoRA (if given) on o_proj, of the noisy half only."""
+    noisy, clean = np.asarray(noisy), np.asarray(clean)
+    B, L = clean.shape
+    H, K, Dh = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    eps = config["rms_norm_eps"]
+    tokens = np.concatenate([noisy, clean], axis=1)
+    x = weights["encoder.embed_tokens.weight"][tokens]  # [B, 2L, D]
+
+    def norm(x, w):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+    inv, attention_factor = yarn_inverse_frequencies(config)
+    pos = np.concatenate([np.arange(L), np.arange(L)]).astype(np.float64)
+    angles = pos[:, None] * inv[None, :]
+    angles = np.concatenate([angles, angles], axis=-1)  # [2L, Dh]
+    cos, sin = np.cos(angles) * attention_factor, np.sin(angles) * attention_factor
+
+    def rope(v):  # [B, 2L, N, Dh], rotate-half layout
+        half = Dh // 2
+        rotated = np.concatenate([-v[..., half:], v[..., :half]], axis=-1)
+        return v * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+
+    beta = config["rope_parameters"].get("llama_4_scaling_beta")
+    L0 = config["rope_parameters"].get("original_max_position_embeddings") or config["max_position_embeddings"]
+    q_scale = 1.0 + beta * np.log(1.0 + np.floor(np.arange(2 * L) / L0)) if beta else np.ones(2 * L)
+    visible = block_diff_visible(L, block)
+    gate = np.concatenate([np.ones(L), np.zeros(L) if lora_on_noisy_only else np.ones(L)])
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"encoder.layers.{i}."
+        w = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        h = norm(x, w["input_layernorm.weight"])
+        q = rope((h @ w["self_attn.q_proj.weight"].T).reshape(B, 2 * L, H, Dh)) * q_scale[None, :, None, None]
+        k = rope((h @ w["self_attn.k_proj.weight"].T).reshape(B, 2 * L, K, Dh))
+        v = (h @ w["self_attn.v_proj.weight"].T).reshape(B, 2 * L, K, Dh)
+        out = np.zeros_like(q)
+        for b in range(B):
+            for head in range(H):
+                kh = head // (H // K)
+                s = q[b, :, head] @ k[b, :, kh].T / np.sqrt(Dh)
+                s = np.where(visible, s, -np.inf)
+                p = np.exp(s - s.max(axis=-1, keepdims=True))
+                out[b, :, head] = (p / p.sum(axis=-1, keepdims=True)) @ v[b, :, kh]
+        out = out.reshape(B, 2 * L, H * Dh)
+        o = out @ w["self_attn.o_proj.weight"].T
+        if lora is not None:
+            o = o + gate[None, :, None] * lora["scale"] * ((out @ lora["A"][i].T) @ lora["B"][i].T)
+        x = x + o
+        h = norm(x, w["post_attention_layernorm.weight"])
+        g, u = h @ w["mlp.gate_proj.weight"].T, h @ w["mlp.up_proj.weight"].T
+        x = x + (g / (1.0 + np.exp(-g)) * u) @ w["mlp.down_proj.weight"].T
+    x = norm(x, weights["encoder.norm.weight"])
+    tied = config.get("tie_word_embeddings")
+    head = weights["encoder.embed_tokens.weight"] if tied else weights["diffusion_head.weight"]
+    logits = x @ head.T
+    return logits[:, :L], logits[:, L:]
+
+
+def cross_entropy(logits, targets) -> np.ndarray:
+    """``-log softmax(logits)[target]`` per position, float64."""
+    logits = np.asarray(logits, np.float64)
+    top = logits.max(axis=-1, keepdims=True)
+    logz = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]
+    return logz - np.take_along_axis(logits, np.asarray(targets)[..., None], axis=-1)[..., 0]
+
+
+def draft_loss(config: dict, weights: dict, lora: dict, tokens, block: int) -> tuple[float, float]:
+    """``(loss, accuracy)`` of the draft-LoRA objective, from its description: in every block the
+    first token is given and the others are MASK (the inference-time draft); the noisy half runs
+    with the adapter, the clean half (the causal cache at inference) without; mean cross-entropy
+    of the noisy half's logits against the tokens over the masked slots, and the fraction of them
+    whose argmax is the token."""
+    tokens = np.asarray(tokens)
+    B, L = tokens.shape
+    masked = np.broadcast_to(np.arange(L) % block != 0, (B, L))
+    noisy = np.where(masked, config["mask_token_id"], tokens)
+    logits, _ = train_logits(config, weights, noisy, tokens, block, lora=lora, lora_on_noisy_only=True)
+    ce = cross_entropy(logits, tokens)
+    accuracy = ((logits.argmax(-1) == tokens) & masked).sum() / masked.sum()
+    return float(ce[masked].mean()), float(accuracy)

@@ -15,6 +15,14 @@ import pytest
 # before JAX starts its backends, i.e. here, before any test touches JAX.
 jax.config.update("jax_num_cpu_devices", 8)
 
+# The tests compile many small programs (one per mode, bucket and mesh); with the library's
+# default bound of 24, every eviction also clears JAX's tracing caches, which made the suite
+# retrace ~100 times. The tiny models' programs are small: hold them all. (The eviction tests
+# set their own bound.)
+from nld_jax.programs import PROGRAMS  # noqa: E402
+
+PROGRAMS.max_entries = 512
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = ROOT / "tests" / "data" / "nld-tiny"
 

@@ -115,3 +115,24 @@ def test_context_check_counts_the_block_overshoot(tiny):
     for mode in ("spec", "diffusion"):
         with pytest.raises(ValueError, match="block may run past the budget"):
             nld_jax.generate(tiny, [too_long], mode=mode, max_new_tokens=new, block_length=block)
+
+
+
+@pytest.mark.parametrize("mode", ["spec", "spec_quadratic", "diffusion"])
+def test_what_a_row_streams_is_what_it_returns_and_spec_overshoots_as_nvidia_does(tiny, cases, mode):
+    """NVIDIA's spec emits a whole verified run, so a row may end up to ``block_length - 1``
+    tokens past ``max_new_tokens`` (its golden case returns 66 tokens for 64; the context check
+    counts that overshoot). The output buffer is bucketed to a block multiple: it must hold the
+    overshoot, the streamed tokens must be exactly the returned ones, and the first
+    ``max_new_tokens`` must be greedy AR's."""
+    prompts = [p["ids"][:n] for p, n in zip(cases["prompts"]["spec"], (24, 9, 17))]
+    block = 8
+    for budget in (20, 24):
+        ar = nld_jax.generate(tiny, prompts, mode="ar", max_new_tokens=budget + block)
+        got: list = []
+        out = nld_jax.generate(tiny, prompts, mode=mode, max_new_tokens=budget, block_length=block,
+                               on_tokens=lambda row, ids: got.append((row, list(ids))))
+        assert all(budget <= len(t) <= budget + block - 1 for t in out.tokens), [len(t) for t in out.tokens]
+        assert [sum((ids for r, ids in got if r == b), []) for b in range(len(prompts))] == out.tokens
+        if mode != "diffusion":
+            assert all(t == a[:len(t)] for t, a in zip(out.tokens, ar.tokens))

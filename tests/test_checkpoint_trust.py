@@ -310,6 +310,7 @@ CONFIG_CASES = {
     "rope_parameters_a_list": ({"rope_parameters": [["rope_theta", 1e6]]}, "rope_parameters"),
     "beta_fast_negative": ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
                                                 "beta_fast": -1}}, "beta_fast"),
+    "rope_scaling_disagrees": ({"rope_scaling": {"rope_type": "yarn", "factor": "x"}}, "disagree"),
     "mask_outside_vocab": ({"mask_token_id": 512}, "mask_token_id"),
     "bos_outside_vocab": ({"bos_token_id": -1}, "bos_token_id"),
     "eos_list_with_a_string": ({"eos_token_id": [2, "x"]}, "eos_token_id"),

@@ -45,16 +45,22 @@ def test_cli_json(golden_dir, capsys):
 
 
 def test_cli_streams_text(golden_dir, capsys, cases):
-    ids = ",".join(map(str, cases["prompts"]["batch"]["ids"][0]))
+    """The streamed text is NVIDIA's: the golden batch-1 diffusion case (threshold 0.9, the CLI's
+    default here, block 8, 48 tokens) decoded by the tokenizers library itself."""
+    from tokenizers import Tokenizer
+
+    golden = next(c for c in cases["e_generate_b1"]
+                  if c["threshold"] == 0.9 and c["prompt_ids"][0] == cases["prompts"]["batch"]["ids"][0])
+    assert (golden["block_length"], golden["max_new_tokens"]) == (8, 48)
+    prompt, generated = golden["prompt_ids"][0][:40], golden["output_ids"][0][40:]
+    assert golden["prompt_ids"][0] == golden["output_ids"][0][:40] and len(generated) == 48
     rc = main(["--checkpoint", str(golden_dir), "--mode", "diffusion", "--block-length", "8",
-               "--max-new-tokens", "16", "--prompt-ids", ids])
+               "--max-new-tokens", "48", "--prompt-ids", ",".join(map(str, prompt))])
     assert rc == 0
     captured = capsys.readouterr()
-    model = nld_jax.load(golden_dir)
-    expected = nld_jax.generate(model, [cases["prompts"]["batch"]["ids"][0]], mode="diffusion",
-                                block_length=8, max_new_tokens=16, threshold=0.9).text[0]
-    assert captured.out.strip() == expected.strip()
-    assert "TPF" in captured.err
+    expected = Tokenizer.from_file(str(golden_dir / "tokenizer.json")).decode(generated, skip_special_tokens=True)
+    assert captured.out == expected + "\n"
+    assert f"[diffusion] 48 tokens, {golden['nfe']} forwards" in captured.err
 
 
 def test_cli_all_modes_equal_single_mode_runs(golden_dir, capsys):
@@ -194,6 +200,16 @@ def test_cli_text_prompt_without_a_tokenizer(golden_dir, tmp_path, capsys):
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("argv,what", [([], "--prompt-ids"), (["--chat"], "tokenizer")],
+                         ids=["default prompt", "chat"])
+def test_cli_without_a_tokenizer_needs_prompt_ids(golden_dir, tmp_path, capsys, argv, what):
+    """No prompt (the default text prompt) and --chat on a checkpoint without a tokenizer: exit 2,
+    one line (test_cli_text_prompt_without_a_tokenizer covers a text prompt)."""
+    ckpt = _checkpoint_copy(golden_dir, tmp_path, tokenizer=False)
+    assert main(["--checkpoint", str(ckpt), *argv]) == 2
+    assert what in _one_line_error(capsys)
+
+
 def test_cli_lora_requested_but_absent(golden_dir, tmp_path, capsys):
     ckpt = _checkpoint_copy(golden_dir, tmp_path)
     shutil.rmtree(ckpt / "linear_spec_lora")
@@ -269,6 +285,23 @@ PLAN_ERRORS = [
     (["--model", "8b", "--modes", "fast"], "--modes"),
     (["--model", "8b", "--lora-rank", "-1"], "--lora-rank"),
     (["--mesh", "tensor=2"], "--checkpoint"),
+    ([], "--checkpoint"),
+    (["--model", "8b", "--bogus"], "unrecognized arguments"),
+    (["--model", "8b", "--dtype", "float16"], "--dtype"),
+    (["--model", "8b", "--quantize", "int4"], "--quantize"),
+    (["--model", "8b", "--kv-cache", "fp8"], "--kv-cache"),
+    (["--model", "8b", "--device", "tpu9"], "--device"),
+    (["--model", "8b", "--backend", "tpu"], "--backend"),
+    (["--model", "8b", "--batch", "x"], "--batch"),
+    (["--model", "8b", "--batch", "0"], "--batch"),
+    (["--model", "8b", "--max-len", "0"], "--max-len"),
+    (["--model", "8b", "--prompt-len", "0"], "--prompt-len"),
+    (["--model", "8b", "--block-length", "x"], "--block-length"),
+    (["--model", "8b", "--headroom", "x"], "--headroom"),
+    (["--model", "8b", "--lora-rank", "x"], "--lora-rank"),
+    (["--model", "8b", "--modes", ","], "--modes"),
+    (["--model", "8b", "--max-len", "100", "--prompt-len", "90"], "--max-len"),
+    (["--checkpoint", "./no-such-checkpoint-dir"], "config.json"),
 ]
 
 
@@ -280,6 +313,56 @@ def test_plan_errors_are_one_line(capsys, argv, what):
 
     assert _exit_code(plan.main, argv) == 2
     assert what in _one_line_error(capsys, "nld-plan")
+
+
+def test_plan_checkpoint_directory_errors_are_one_line(golden_dir, tmp_path, capsys):
+    from nld_jax.cli import plan
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"hidden_size": 64,')
+    (tmp_path / "bad").mkdir()
+    config = json.loads((golden_dir / "config.json").read_text())
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({**config, "hidden_size": -1}))
+    for name, what in (("empty", "config.json"), ("broken", "not valid JSON"), ("bad", "hidden_size")):
+        assert _exit_code(plan.main, ["--checkpoint", str(tmp_path / name)]) == 2, name
+        assert what in _one_line_error(capsys, "nld-plan"), name
+
+
+def test_plan_mesh_larger_than_the_process_is_one_line(capsys):
+    """This process started JAX with 8 CPU devices; a 16-device plan cannot get more here."""
+    from nld_jax.cli import plan
+
+    assert len(jax.devices("cpu")) == 8  # JAX has started: the fake device count is fixed
+    assert _exit_code(plan.main, ["--model", "8b", "--mesh", "data=16", "--backend", "cpu"]) == 2
+    assert "16 devices" in _one_line_error(capsys, "nld-plan")
+
+
+def test_plan_compiler_refusal_and_ctrl_c(capsys, monkeypatch):
+    """A compiler error (JaxRuntimeError) is one line and exit 2; Ctrl-C exits 130 with one line;
+    anything else (a bug) keeps its traceback."""
+    import nld_jax.planning
+    from nld_jax.cli import plan
+
+    class JaxRuntimeError(RuntimeError):
+        pass
+
+    def raising(exc):
+        def fake_plan(*args, **kwargs):
+            raise exc
+        return fake_plan
+
+    argv = ["--model", "3b", "--mesh", "data=1", "--batch", "1", "--max-len", "256"]
+    monkeypatch.setattr(nld_jax.planning, "plan", raising(JaxRuntimeError("RESOURCE_EXHAUSTED: too big\ndetails")))
+    assert _exit_code(plan.main, argv) == 2
+    assert "the compiler refused this plan: RESOURCE_EXHAUSTED: too big" in _one_line_error(capsys, "nld-plan")
+    monkeypatch.setattr(nld_jax.planning, "plan", raising(KeyboardInterrupt()))
+    assert _exit_code(plan.main, argv) == 130
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert err == ["nld-plan: interrupted"], err
+    monkeypatch.setattr(nld_jax.planning, "plan", raising(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        plan.main(argv)
 
 
 def test_plan_help_states_every_default():

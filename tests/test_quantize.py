@@ -326,3 +326,17 @@ def test_memory_plan_of_an_int8_kv_cache(tiny):
     int8, = plan(tiny.config, mesh, **kw, kv_cache="int8")
     # int8 values plus one float32 scale per Dh=32 vector: (1 + 4/32) / 4 of the float32 cache.
     assert int8.kv_cache == pytest.approx(plain.kv_cache * (1 + 4 / 32) / 4, rel=0.01)
+
+
+def test_generate_with_an_int8_kv_cache_on_one_device_and_on_a_mesh(tiny_int8, cases):
+    """``generate(kv_cache="int8")``: greedy spec still equals greedy AR (both read the same
+    8-bit cache), and a data=2 mesh (the cache's scales sharded over rows) decodes the same."""
+    prompts = _prompts(cases)
+    ar = nld_jax.generate(tiny_int8, prompts, mode="ar", max_new_tokens=24, kv_cache="int8")
+    spec = nld_jax.generate(tiny_int8, prompts, mode="spec", max_new_tokens=24, block_length=8, kv_cache="int8")
+    assert [t[:24] for t in spec.tokens] == ar.tokens  # spec may run past the budget, as NVIDIA's does
+    mesh = nld_jax.make_mesh(data=2, devices=jax.devices()[:2])
+    sharded = nld_jax.generate(tiny_int8, prompts, mode="ar", max_new_tokens=24, kv_cache="int8", mesh=mesh)
+    assert sharded.tokens == ar.tokens
+    with pytest.raises(ValueError, match="kv_cache"):
+        nld_jax.generate(tiny_int8, prompts, kv_cache="int4")

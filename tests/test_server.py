@@ -99,8 +99,11 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    # Dispatches of about 5 ms (a few steps of this tiny model): a closed stream is cancelled
+    # before its request could finish (the default 50 ms would run a whole request in two). The
+    # small server runs with the default.
     s = Server(tmp_path_factory.mktemp("serve") / "server.log", "--slots", "4", "--max-new-tokens", "64",
-               "--model-name", MODEL)
+               "--model-name", MODEL, "--dispatch-ms", "5")
     yield s
     s.stop()
 
@@ -174,7 +177,7 @@ def test_models_health_and_metrics(server, client):
     assert b"nld_slots 4.0" in body and b"nld_queue_depth" in body
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec", "spec_quadratic"])
 def test_completion_equals_generate(tiny, client, mode):
     r = client.completions.create(model=MODEL, prompt="def fib(n):", max_tokens=24, extra_body={"mode": mode})
     text, n, nfe = expected(tiny, "def fib(n):", mode, 24)
@@ -227,7 +230,7 @@ MIXED = [  # (prompt, mode, max_tokens, NLD fields)
     ("def fib(n):", "ar", 20, {}), ("import os", "diffusion", 20, {}), ("class A:", "spec", 20, {}),
     ("def fib(n):", "spec", 20, {"use_lora": True}), ("for i in", "diffusion", 20, {"threshold": None}),
     ("import os", "ar", 9, {}), ("x = [", "diffusion", 20, {"block_length": 4}),
-    ("while True:", "spec", 20, {"block_length": 3}),
+    ("while True:", "spec", 20, {"block_length": 3}), ("class A:", "spec_quadratic", 20, {"block_length": 4}),
 ]
 
 
@@ -291,6 +294,8 @@ BAD = [  # (path, body, status, param)
     ("completions", {"prompt": "x", "threshold": "high"}, 400, "threshold"),
     ("completions", {"prompt": "x", "mode": "spec", "block_length": 1}, 400, "block_length"),
     ("completions", {"prompt": "x", "mode": "diffusion", "block_length": 64}, 400, "block_length"),
+    ("completions", {"prompt": "x", "mode": "spec_quadratic", "block_length": 9}, 400, "block_length"),
+    ("completions", {"prompt": "x", "mode": "spec_quadratic", "block_length": 1}, 400, "block_length"),
     ("completions", {"prompt": "x", "use_lora": "yes"}, 400, "use_lora"),
     ("completions", {"prompt": "x", "seed": -1}, 400, "seed"),
     ("completions", {"prompt": "x", "seed": "1"}, 400, "seed"),
@@ -435,3 +440,16 @@ def test_an_exception_in_a_handler_is_a_500_and_the_server_lives_on(tiny):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_a_server_without_spec_quadratic_refuses_it_by_name(tiny):
+    """nld-serve --quad-block 0: the mode is known but not served (the body is parsed in process)."""
+    from nld_jax.serving import openai_schema as schema
+    from nld_jax.serving.engine import Engine, EngineConfig
+
+    engine = Engine(tiny, EngineConfig(slots=1, max_new_tokens=8, quad_block=0))  # never compiled
+    assert "spec_quadratic" not in engine.modes
+    with pytest.raises(schema.APIError) as e:
+        schema.parse_completion({"prompt": "x", "mode": "spec_quadratic"}, engine, MODEL)
+    assert (e.value.status, e.value.param) == (400, "mode") and "--quad-block 0" in e.value.message
+    assert schema.parse_completion({"prompt": "x", "mode": "spec"}, engine, MODEL).settings.mode == "spec"

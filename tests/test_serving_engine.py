@@ -26,7 +26,8 @@ CHUNK = 16
 def engine(tiny):
     engine = Engine(tiny, EngineConfig(slots=3, max_new_tokens=40, prefill_chunk=CHUNK))
     engine.warmup()
-    return engine
+    yield engine
+    engine.close()
 
 
 @pytest.fixture
@@ -64,6 +65,9 @@ MIXED = [  # (prompt index, mode, extra settings)
     (2, "ar", {"max_new": 13}),
     (1, "spec", {"temperature": 0.8, "seed": 11}),
     (3, "diffusion", {"block_length": 4, "temperature": 0.7, "seed": 5}),
+    (0, "spec_quadratic", {"block_length": 4}),
+    (2, "spec_quadratic", {}),  # the engine's widest quadratic block (8: 72 tokens a forward)
+    (1, "spec_quadratic", {"block_length": 3, "temperature": 0.9, "seed": 3}),
 ]
 
 
@@ -82,20 +86,41 @@ def test_mixed_modes_side_by_side_equal_generate_alone(tiny, scheduler):
         assert len(job.tokens) <= s.max_new_tokens
 
 
-@pytest.mark.parametrize("ar_steps", ["narrow", "wide"])
-def test_every_ar_steps_policy_decodes_what_generate_does(tiny, ar_steps):
-    """The module's engine is "auto" (AR rows switch between the width-1 and the block program as
-    block rows come and go); the two fixed policies must give the same tokens."""
-    engine = Engine(tiny, EngineConfig(slots=3, max_new_tokens=40, prefill_chunk=CHUNK, ar_steps=ar_steps))
-    scheduler = Scheduler(engine, tokenizer=tiny.tokenizer).start()
+@pytest.mark.parametrize("dispatch_seconds", [0.0, 10.0], ids=["one-step-dispatches", "long-dispatches"])
+def test_steps_per_dispatch_do_not_change_the_tokens(tiny, engine, dispatch_seconds):
+    """The engine picks the steps of a dispatch from its timing (about 50 ms); one step per
+    dispatch, and dispatches that end only when a row finishes, must give the same tokens."""
+    scheduler = Scheduler(engine, tokenizer=tiny.tokenizer, dispatch_seconds=dispatch_seconds).start()
     try:
         cases = [(tiny.tokenizer.encode(PROMPTS[p]), settings(tiny, mode, n))
-                 for p, mode, n in [(0, "ar", 20), (1, "diffusion", 8), (2, "spec", 12), (3, "ar", 16)]]
+                 for p, mode, n in [(0, "ar", 20), (1, "diffusion", 8), (2, "spec", 12), (3, "ar", 16),
+                                    (1, "spec_quadratic", 12)]]
         jobs = [scheduler.submit(Request(p, s)) for p, s in cases]
         for job, (prompt, s) in zip(jobs, cases):
             assert (job.result(TIMEOUT).tokens, job.nfe) == alone(tiny, prompt, s), s
     finally:
         scheduler.stop(drain=False)
+
+
+def test_a_dispatch_ends_when_a_row_finishes(tiny):
+    """Two AR rows (AR: the prefill gives the first token, each step one more): the one of 3
+    tokens finishes after 2 steps, and the dispatch stops there, however many steps it may run."""
+    engine = Engine(tiny, EngineConfig(slots=2, max_new_tokens=40, prefill_chunk=CHUNK, dispatch_seconds=10.0))
+    prompt = tiny.tokenizer.encode(PROMPTS[0])
+    short, long = settings(tiny, "ar", 3), settings(tiny, "ar", 20)
+    engine.admit(0, prompt, short)
+    engine.admit(1, prompt, long)
+    engine.snapshot()
+    live = {0: short, 1: long}
+    engine._seconds.clear()
+    assert engine.step(live) == 1  # nothing measured yet: one step
+    assert engine.step(live) == 1  # the short row's third token
+    snap = engine.snapshot()
+    assert snap.done.tolist() == [True, False] and snap.n.tolist() == [3, 3]
+    assert engine.step({1: long}) == 17  # the rest of the long row in one dispatch
+    snap = engine.snapshot()
+    assert snap.done.tolist() == [True, True] and snap.n.tolist() == [3, 20]
+    assert snap.out[1, :20].tolist() == alone(tiny, prompt, long)[0]
 
 
 def test_a_prompt_of_several_prefill_chunks(tiny, scheduler):
@@ -106,7 +131,28 @@ def test_a_prompt_of_several_prefill_chunks(tiny, scheduler):
         assert (job.tokens, job.nfe) == alone(tiny, prompt, s)
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
+def test_rows_that_outgrow_their_cache_span(tiny):
+    """Programs read the first 32, 48, 64, ... cache positions (min_span 32 here, 128 by default);
+    a dispatch leaves its loop before a row would write past its span, and the row goes on in a
+    program of a longer span. Each decodes what generate gives it alone."""
+    engine = Engine(tiny, EngineConfig(slots=2, max_new_tokens=40, prefill_chunk=CHUNK, min_span=32,
+                                       dispatch_seconds=10.0))
+    assert engine.spans[:4] == [32, 48, 64, 96]
+    scheduler = Scheduler(engine, tokenizer=tiny.tokenizer).start()
+    try:
+        prompt = tiny.tokenizer.encode(PROMPTS[2])  # 25 tokens: the rows pass 32, 48 and 64 positions
+        cases = [settings(tiny, "spec", 40), settings(tiny, "ar", 40)]
+        jobs = [scheduler.submit(Request(prompt, s)) for s in cases]
+        for job, s in zip(jobs, cases):
+            assert (job.result(TIMEOUT).tokens, job.nfe) == alone(tiny, prompt, s), s.mode
+    finally:
+        scheduler.stop(drain=False)
+    for group in ("block", "ar"):  # each started in the shortest span that held it, then moved on
+        spans = {k.span for k in engine.dispatched if k.group == group}
+        assert len(spans) >= 3 and min(spans) <= 48, engine.dispatched
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec", "spec_quadratic"])
 def test_max_new_tokens_one(tiny, scheduler, mode):
     prompt = tiny.tokenizer.encode(PROMPTS[0])
     s = settings(tiny, mode, 1)
@@ -153,7 +199,17 @@ def test_stop_token_ids_end_a_request(tiny, scheduler):
     assert job.finish_reason == "stop"
 
 
-def test_a_cancelled_request_frees_its_slot(tiny, engine, scheduler):
+def test_a_cancelled_request_frees_its_slot(tiny, engine):
+    # One step per dispatch: a cancel takes effect at the end of the running dispatch, and the
+    # default dispatch (about 50 ms) could finish this tiny model's whole request first.
+    scheduler = Scheduler(engine, max_queue=32, tokenizer=tiny.tokenizer, dispatch_seconds=0.0).start()
+    try:
+        _cancel_and_reuse(tiny, scheduler)
+    finally:
+        scheduler.stop(drain=False)
+
+
+def _cancel_and_reuse(tiny, scheduler):
     prompt = tiny.tokenizer.encode(PROMPTS[2])
     long = settings(tiny, "diffusion", 40, threshold=None)  # one token per forward: the longest request
     job = scheduler.submit(Request(prompt, long))
@@ -161,7 +217,7 @@ def test_a_cancelled_request_frees_its_slot(tiny, engine, scheduler):
     next(events)  # it is running
     job.cancel()
     job.result(TIMEOUT)
-    assert job.finish_reason == "cancelled"  # 39 forwards were left: the cancel comes long before
+    assert job.finish_reason == "cancelled"  # 32 of its 40 forwards were left: the cancel comes long before
     deadline = time.monotonic() + 5
     while scheduler.slots_busy and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import nld_jax
+import _oracles
 from nld_jax.checkpoint.hf_write import save_hf_checkpoint
 from nld_jax.checkpoint.safetensors_io import SafetensorsFile
 from nld_jax.params import init_lora
@@ -116,25 +117,43 @@ def test_lora_mode_trains_only_the_adapter(tiny, cases):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
-def test_draft_loss_uses_the_adapter_on_draft_tokens_only(tiny):
-    """With the adapter gated off the clean half, the draft logits equal block_logits with LoRA on
-    over the same prefix: the inference-time draft."""
-    tokens = jnp.asarray([[1, 6, 224, 43, 503, 504, 356, 340, 264, 87, 82, 414, 354, 202, 322, 340]], jnp.int32)
-    lora = tiny.lora
-    loss, metrics = draft_loss(lora, tiny.params, tiny.config, tokens, 8)
-    # recompute the loss of the second block from the inference path
-    block = jnp.asarray([[264, 3, 3, 3, 3, 3, 3, 3]], jnp.int32)
-    logits = np.asarray(nld_jax.block_logits(tiny, tokens[:, :8], block, use_lora=True))[0]
-    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    ce = logz - logits[np.arange(8), np.asarray(tokens[0, 8:])]
-    # the first block's draft sees no prefix; reuse the same path with an empty prefix for it
-    block0 = jnp.asarray([[1, 3, 3, 3, 3, 3, 3, 3]], jnp.int32)
-    from nld_jax.inference import block_logits_fn
-    logits0 = np.asarray(block_logits_fn(tiny.params, tiny.lora, tokens[:, :0], block0, config=tiny.config))[0]
-    logz0 = np.log(np.exp(logits0 - logits0.max(-1, keepdims=True)).sum(-1)) + logits0.max(-1)
-    ce0 = logz0 - logits0[np.arange(8), np.asarray(tokens[0, :8])]
-    expected = (ce0[1:].sum() + ce[1:].sum()) / 14
-    np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
+@pytest.fixture(scope="module")
+def numpy_model(golden_dir):
+    """The golden checkpoint read by the float64 numpy oracle (tests/_oracles.py)."""
+    return _oracles.load_checkpoint(golden_dir)
+
+
+def test_numpy_oracle_reproduces_nvidias_training_logits(numpy_model, golden_dir, cases):
+    """The oracle that checks the draft loss below is itself checked: NVIDIA's training forward
+    (golden case c: block_diff layout, L = 48 so the llama-4 query scale is on) gives these logits."""
+    config, weights, _ = numpy_model
+    c = _golden_c(golden_dir)
+    noisy = np.where(c["masked_indices"], config["mask_token_id"], c["input_ids"])
+    block = cases["c_train_block_diff"]["block_size"]
+    logits, causal = _oracles.train_logits(config, weights, noisy, c["input_ids"], block)
+    # measured: max |error| 1.5e-5 (logits up to 29); without the llama-4 query scale it would be 0.54
+    np.testing.assert_allclose(logits, c["logits"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(causal[:, :-1].reshape(-1, causal.shape[-1]), c["causal_logits"], rtol=0, atol=1e-4)
+
+
+def test_draft_loss_uses_the_adapter_on_draft_tokens_only(tiny, cases, numpy_model):
+    """draft_loss equals the numpy oracle's draft objective (adapter on the noisy half only), for
+    two rows of three blocks; with the adapter on both halves, or off, the oracle's value differs
+    by 100x the tolerance or more, so the comparison tells them apart."""
+    config, weights, lora = numpy_model
+    tokens = np.asarray(_tiny_data(tiny, cases, seq_len=24)[:2])
+    loss, metrics = draft_loss(tiny.lora, tiny.params, tiny.config, jnp.asarray(tokens, jnp.int32), 8)
+    want, accuracy = _oracles.draft_loss(config, weights, lora, tokens, 8)
+    # measured: relative error 2.6e-8 (float32 against float64); the alternatives below move the
+    # loss by 1.5e-4 (adapter on the clean half too) and 2.1e-2 (adapter off), relative
+    np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["draft_accuracy"]), accuracy, rtol=0, atol=1e-6)
+    # the alternatives the test must reject
+    masked = np.broadcast_to(np.arange(24) % 8 != 0, tokens.shape)
+    noisy = np.where(masked, config["mask_token_id"], tokens)
+    for other in (dict(lora=lora, lora_on_noisy_only=False), dict(lora=None)):
+        logits, _ = _oracles.train_logits(config, weights, noisy, tokens, 8, **other)
+        assert abs(_oracles.cross_entropy(logits, tokens)[masked].mean() - want) > 100 * 1e-6 * want, other
 
 
 def test_sft_rows_mask_the_prompt(tiny, tmp_path):

@@ -13,9 +13,10 @@ from typing import Any
 
 from nld_jax.checkpoint.files import JSON_LIMIT, CheckpointFiles, open_regular, parse_json
 from nld_jax.config import ConfigError, NLDConfig, config_from_hf
+from nld_jax.vision.config import VisionConfig, is_vlm_config, vision_config_from_hf
 
 __all__ = ["CONFIG_FILE", "GENERATION_CONFIG_FILE", "GenerationDefaults", "read_json", "load_hf_config",
-           "read_config_json", "read_generation_defaults"]
+           "load_configs", "read_config_json", "read_generation_defaults"]
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -56,6 +57,18 @@ def load_hf_config(path: str | os.PathLike | CheckpointFiles) -> NLDConfig:
         return config_from_hf(hf)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def load_configs(path: str | os.PathLike | CheckpointFiles) -> tuple[NLDConfig, VisionConfig | None]:
+    """``config.json`` read once: the text model's config and, for a VLM checkpoint (a
+    ``vision_config``), the vision tower's and projector's, else None."""
+    hf, where = read_config_json(path)
+    try:
+        config = config_from_hf(hf)
+        vision = vision_config_from_hf(hf, config.D, config.rms_norm_eps) if is_vlm_config(hf) else None
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return config, vision
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,8 +23,10 @@ from nld_jax.checkpoint.finite import first_nonfinite
 from nld_jax.checkpoint.safetensors_io import SafetensorsFile
 from nld_jax.config import NLDConfig
 from nld_jax.params import ParamSpec, lora_specs, param_specs, tree_from_flat
+from nld_jax.vision.config import VisionConfig
+from nld_jax.vision.params import VISION_PREFIXES, vision_specs
 
-__all__ = ["CheckpointError", "HFCheckpoint", "read_hf_params", "read_hf_lora", "hf_lora_rank", "parse_adapter_config",
+__all__ = ["CheckpointError", "HFCheckpoint", "read_hf_params", "read_hf_vision", "read_hf_lora", "hf_lora_rank", "parse_adapter_config",
            "read_weight_map", "lora_files", "expand_keys", "check_tensor_set", "check_layer_count", "key_listing",
            "PICKLE_SUFFIXES", "FLOAT_DTYPES"]
 
@@ -175,10 +177,13 @@ def key_listing(keys: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _check_accounting(ckpt: HFCheckpoint, specs: dict[str, ParamSpec], num_layers: int) -> None:
-    check_layer_count(ckpt.directory, ckpt.keys(), num_layers)
+def _check_accounting(ckpt: HFCheckpoint, specs: dict[str, ParamSpec], num_layers: int,
+                      keys: list[str] | None = None) -> None:
+    """``keys`` (default: all of the checkpoint's) are exactly what ``specs`` expect."""
+    keys = ckpt.keys() if keys is None else keys
+    check_layer_count(ckpt.directory, keys, num_layers)
     expected = {key: spec.hf_shape for spec in specs.values() for key in expand_keys(spec, num_layers)}
-    check_tensor_set(ckpt.directory, ckpt.keys(), ckpt.shape, expected, ckpt.file_of)
+    check_tensor_set(ckpt.directory, keys, ckpt.shape, expected, ckpt.file_of)
     for key in expected:
         if ckpt.dtype(key).name not in FLOAT_DTYPES:
             raise CheckpointError(f"{ckpt.file_of(key)}: tensor {key!r} has dtype {ckpt.dtype(key).name}; "
@@ -206,22 +211,48 @@ def _place(host: np.ndarray, sharding) -> Any:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def read_hf_params(directory: str | os.PathLike | CheckpointFiles, config: NLDConfig, dtype,
-                   sharding_of: Callable[[str], Any], check_finite: bool = False,
-                   finish: Callable[[str, Any], Any] | None = None) -> dict:
-    """All base weights in our layout, as a tree; each leaf is put into ``sharding_of(leaf path)``
-    in ``dtype`` (None: the stored dtype), one tensor on the host at a time, then handed to
-    ``finish(leaf path, array)`` when given (``load(quantize=)`` quantizes it there)."""
-    ckpt = HFCheckpoint(directory)
-    specs = param_specs(config)
-    _check_accounting(ckpt, specs, config.L)
+def _is_vision_key(key: str) -> bool:
+    return key.startswith(VISION_PREFIXES)
+
+
+def _read_tree(ckpt: HFCheckpoint, specs: dict[str, ParamSpec], num_layers: int, dtype,
+               sharding_of: Callable[[str], Any], check_finite: bool,
+               finish: Callable[[str, Any], Any] | None = None) -> dict:
     flat = {}
     for path, spec in specs.items():
-        np_dtype = np.dtype(ckpt.dtype(expand_keys(spec, config.L)[0])) if dtype is None else np.dtype(dtype)
-        flat[path] = _place(read_param(ckpt, spec, config.L, np_dtype, check_finite), sharding_of(path))
+        np_dtype = np.dtype(ckpt.dtype(expand_keys(spec, num_layers)[0])) if dtype is None else np.dtype(dtype)
+        flat[path] = _place(read_param(ckpt, spec, num_layers, np_dtype, check_finite), sharding_of(path))
         if finish is not None:
             flat[path] = finish(path, flat[path])
     return tree_from_flat(flat)
+
+
+def read_hf_params(directory: str | os.PathLike | CheckpointFiles, config: NLDConfig, dtype,
+                   sharding_of: Callable[[str], Any], check_finite: bool = False,
+                   finish: Callable[[str, Any], Any] | None = None, vision: bool = False) -> dict:
+    """All base weights in our layout, as a tree; each leaf is put into ``sharding_of(leaf path)``
+    in ``dtype`` (None: the stored dtype), one tensor on the host at a time, then handed to
+    ``finish(leaf path, array)`` when given (``load(quantize=)`` quantizes it there).
+
+    ``vision``: the checkpoint is a VLM's; its vision tensors (``encoder.vision_tower.*``,
+    ``encoder.multi_modal_projector.*``) are :func:`read_hf_vision`'s and left out of the text
+    model's accounting. Without it they are unknown tensors, as any other."""
+    ckpt = HFCheckpoint(directory)
+    specs = param_specs(config)
+    keys = [k for k in ckpt.keys() if not _is_vision_key(k)] if vision else None
+    _check_accounting(ckpt, specs, config.L, keys)
+    return _read_tree(ckpt, specs, config.L, dtype, sharding_of, check_finite, finish)
+
+
+def read_hf_vision(directory: str | os.PathLike | CheckpointFiles, config: VisionConfig, dtype,
+                   sharding_of: Callable[[str], Any], check_finite: bool = False) -> dict:
+    """The vision tower and projector weights (``{"tower": ..., "projector": ...}``) of a VLM
+    checkpoint, under the same accounting as the text weights (exactly the declared tensors,
+    shapes, floating dtypes), not quantized."""
+    ckpt = HFCheckpoint(directory)
+    specs = vision_specs(config)
+    _check_accounting(ckpt, specs, config.Lv, [k for k in ckpt.keys() if _is_vision_key(k)])
+    return _read_tree(ckpt, specs, config.Lv, dtype, sharding_of, check_finite)
 
 
 def parse_adapter_config(adapter_config: Any, where: str) -> tuple[int, float]:

@@ -1,9 +1,9 @@
-"""nld-generate: generate text with an NLD checkpoint in any of the three modes.
+"""nld-generate: generate text with an NLD checkpoint in any of the four modes (ar, diffusion, spec, spec_quadratic).
 
 Examples::
 
     nld-generate "def fibonacci(n):"                       # embedded default model, AR
-    nld-generate --mode all "import os"                    # the three modes one after the other
+    nld-generate --mode all "import os"                    # the four modes one after the other
     nld-generate --mode diffusion --block-length 8 "import os"
     nld-generate --checkpoint /ckpt/NLD-8B --mode spec --lora --json "Explain RoPE."
     nld-generate --prompt-ids 1,6,224,43 --mode spec
@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"tokens to generate (default {DEFAULT_MAX_NEW}); more than the model's context leaves "
                         "room for is capped to what fits, with a note")
     p.add_argument("--block-length", type=int, default=None,
-                   help="default: the checkpoint's generation_config.json, else its block_size")
+                   help="default: the checkpoint's generation_config.json, else its block_size (at most 8 in "
+                        "spec_quadratic, whose forward holds k*(k+1) tokens)")
     p.add_argument("--threshold", default="auto",
                    help="unmasking confidence threshold in [0, 1]; 'auto' (default): the checkpoint's "
                         "generation_config.json, else 0.9 in diffusion and 0.0 (one-shot drafts) in spec; "
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed, in [0, 2**64) (default: 0)")
     p.add_argument("--lora", action="store_true", help="use the draft LoRA in draft/denoise forwards")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="(default: float32)")
+    p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
+                   help="quantize the weights on load, one scale per output channel (default: not quantized)")
+    p.add_argument("--kv-cache", choices=("int8",), default=None,
+                   help="int8: cache keys and values as int8 with per-vector scales (default: --dtype)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--prompt-ids", action="append", default=[],
                    help="a prompt as comma-separated token ids (repeatable)")
@@ -154,7 +159,7 @@ def _run(args, model, prompts: list[list[int]], labels: list[str], out=None) -> 
                               block_length=args.block_length, threshold=_threshold(args.threshold),
                               temperature=args.temperature, use_lora=args.lora, seed=args.seed, top_p=args.top_p,
                               top_k=args.top_k, implementation=args.implementation,
-                              on_tokens=on_tokens if stream else None)
+                              on_tokens=on_tokens if stream else None, kv_cache=args.kv_cache)
     ms_per_forward = 1e3 * result.seconds / max(_forwards(args.mode, result.nfe), 1)
     for row, label in enumerate(labels):
         tokens = result.tokens[row]
@@ -241,7 +246,7 @@ def _load(args):
     import nld_jax
 
     try:
-        return nld_jax.load(args.checkpoint, dtype=args.dtype)
+        return nld_jax.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize)
     except (ValueError, OSError, KeyboardInterrupt):
         raise
     except Exception as e:  # a reader's own exception (e.g. a tokenizer library's): name the checkpoint

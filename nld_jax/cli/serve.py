@@ -9,9 +9,11 @@ Examples::
     curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "def fib(n):", "max_tokens": 64, "mode": "spec"}'
 
-Startup loads the model, compiles every engine program (so that no request waits for a
-compilation) and then prints one ``ready`` line. SIGTERM (or Ctrl-C) drains: running and queued
-requests finish, new ones get 503, then the process exits 0; a second Ctrl-C exits at once.
+Startup loads the model, compiles the engine's prefill and start programs and one step
+program per step group that serves every case (so that no request waits for a compilation; the
+smaller, faster step programs compile in the background, see ``nld_jax/serving/engine.py``) and
+then prints one ``ready`` line. SIGTERM (or Ctrl-C) drains: running and queued requests finish,
+new ones get 503, then the process exits 0; a second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
@@ -44,14 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the largest max_tokens a request may ask for (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot before new ones get 429 (default %(default)s)")
-    p.add_argument("--ar-steps", choices=("auto", "narrow", "wide"), default="auto",
-                   help="where AR rows step: auto (default) = in the block program while a block row is live, "
-                        "else in a width-1 program; narrow = always in the width-1 program; wide = always in the "
-                        "block program")
     p.add_argument("--block-width", type=int, default=None,
-                   help="the widest block_length a request may use (default: the checkpoint's block_size); the "
-                        "block programs always compute this many tokens per row, so a narrower width is cheaper")
+                   help="the widest block_length of diffusion and spec requests (default: the checkpoint's "
+                        "block_size); their programs compute this many tokens per row, so a narrower width is cheaper")
+    p.add_argument("--quad-block", type=int, default=None,
+                   help="the widest block_length of spec_quadratic requests (default: min(block width, 8)); its "
+                        "forwards are C*(C+1) tokens per row; 0 serves no spec_quadratic")
+    p.add_argument("--dispatch-ms", type=float, default=50.0,
+                   help="about how long one engine dispatch (several decode steps on the device) runs before "
+                        "the host hands out tokens and admits requests (default %(default)s)")
+    p.add_argument("--programs", choices=("lazy", "eager"), default="lazy",
+                   help="lazy (default): compile one universal step program per group at startup, the smaller "
+                        "ones in the background as they are needed; eager: compile them all at startup (slow)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step")
+    p.add_argument("--compile-cache", default=None,
+                   help="directory of JAX's persistent compilation cache, so that a restart loads the step programs "
+                        "instead of compiling them (default: $JAX_COMPILATION_CACHE_DIR if set, else "
+                        "~/.cache/nld-jax/xla; 'none' disables it)")
     p.add_argument("--implementation", "--kernels", dest="implementation", default="auto",
                    help="attention / greedy-head implementation: 'auto' (default), 'xla' or a Pallas kernel name")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
@@ -77,6 +88,21 @@ def _bind(host: str, port: int) -> socket.socket:
         raise
     sock.set_inheritable(True)
     return sock
+
+
+def _compilation_cache(directory: str | None) -> None:
+    """JAX's persistent compilation cache: ``directory``, else the environment's, else a user cache."""
+    import jax
+
+    if directory is None:
+        if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+            return  # JAX reads it itself
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        directory = os.path.join(base, "nld-jax", "xla")
+    if directory.lower() == "none":
+        return
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def _model_name(args) -> str:
@@ -143,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         from nld_jax.serving.scheduler import Scheduler
         from nld_jax.serving.server import create_app
 
+        _compilation_cache(args.compile_cache)
         # Arguments first: a typo must not wait for a checkpoint to load.
         if args.max_queue < 1:  # every request passes through the queue, even into a free slot
             raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
@@ -150,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--max-len must be >= 2, got {args.max_len}")
         if args.block_width is not None and args.block_width < 1:
             raise ValueError(f"--block-width must be >= 1, got {args.block_width}")
+        if args.quad_block is not None and (args.quad_block < 0 or args.quad_block == 1):
+            raise ValueError(f"--quad-block must be 0 or >= 2, got {args.quad_block}")
+        if not 0 < args.dispatch_ms <= 60000:
+            raise ValueError(f"--dispatch-ms must be in (0, 60000], got {args.dispatch_ms}")
         config = EngineConfig(slots=args.slots, max_len=args.max_len, max_new_tokens=args.max_new_tokens,
-                              block_width=args.block_width, prefill_chunk=args.prefill_chunk,
-                              implementation=args.implementation, ar_steps=args.ar_steps)
+                              block_width=args.block_width, quad_block=args.quad_block,
+                              prefill_chunk=args.prefill_chunk, implementation=args.implementation,
+                              dispatch_seconds=args.dispatch_ms / 1000, programs=args.programs)
         mesh = None
         if args.mesh:
             from nld_jax.sharding import mesh_from_spec
@@ -179,13 +211,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def ready(port: int) -> str:
         return (f"{PROG}: ready on http://{args.host}:{port} (model {name}, {args.slots} slots, "
-                f"context {engine.max_len}, block width {engine.width}, ar-steps {args.ar_steps})")
+                f"context {engine.max_len}, block width {engine.width}, spec_quadratic block "
+                f"{engine.quad_block or 'off'})")
 
     server = _server_class()(http_config, scheduler, args.drain_timeout, ready)
     try:
         server.run(sockets=[sock])
     finally:
         scheduler.stop(drain=not server.force_exit, timeout=args.drain_timeout)
+        engine.close()
         sock.close()
     if scheduler.crashed is not None:
         return fail(f"the engine stopped: {scheduler.crashed}")

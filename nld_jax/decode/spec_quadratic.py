@@ -24,6 +24,12 @@ only verified tokens are ever emitted. Threshold drafting does not apply (drafts
 
 The attention pattern is :meth:`BlockPattern.quadratic <nld_jax.attention.BlockPattern>` data
 (the kernels skip the block tiles it leaves empty); positions come in ``Request.offsets``. Rows may use different C (up to the program's).
+
+Cost: one QUAD forward does (C+1)x the matmul FLOPs of a linear-spec forward of C tokens but reads
+the weights once, where a linear iteration (draft + verify) reads them twice. It pays where a
+forward of C + C*C tokens costs about what one of C tokens does (a GPU at batch 1 up to a few
+hundred tokens), not on a compute-bound CPU beyond C = 2-3: ``benchmarks/spec_quadratic_bench.py``
+measures TPF and tokens/s against linear spec and AR and prints the FLOP and byte counts.
 """
 
 from __future__ import annotations

@@ -1,37 +1,60 @@
 """The continuous-batching engine: a fixed number of slots over one static KV cache, rows of any
-mode side by side, requests entering free slots and leaving between steps.
+mode side by side, requests entering free slots and leaving between dispatches.
 
 It is built from the decode loop's own pieces (:mod:`nld_jax.decode.loop`), so there is one
 implementation of each algorithm: a slot is admitted by a causal prefill of its prompt (in
-chunks, into its rows of the cache) and :func:`~nld_jax.decode.loop.start`; every engine step is
-:func:`~nld_jax.decode.loop.step`, the very function ``generate``'s ``while_loop`` runs. A row
+chunks, into its rows of the cache) and :func:`~nld_jax.decode.loop.start`; every decode step
+is :func:`~nld_jax.decode.loop.step`, the very function ``generate``'s ``while_loop`` runs. A row
 therefore decodes exactly what ``generate`` gives it alone: its mode, block length, threshold,
 sampling settings, PRNG key and stop ids are its own (traced, so no request recompiles
 anything), and the sampling noise of a row depends on its own forward count only.
 
-Programs, compiled once per engine (all donate the state):
+Where the time goes, and what the design does about it (``benchmarks/serve_bench.py
+--profile`` measures each part):
+
+* **Groups by forward width.** AR rows step in a program of width 1, ``diffusion`` / ``spec``
+  rows in one of the block width, ``spec_quadratic`` rows in one of width ``C * (C + 1)``. A row
+  never pays for a wider forward than its mode's (an AR row in the block program would push a
+  whole block through every matmul for one token).
+* **Only the live rows, only the used cache.** A dispatch gathers the live rows of a group (a
+  slot bucket: 1, 2, 4, ... up to ``slots``; the rest padded with rows that do not step) and the
+  first ``span`` positions of their KV cache (128, 256, ... up to the cache), steps them, and
+  writes them back. A program's cost follows the rows and context in use, not the engine's
+  capacity (attention over an unused 1280-slot cache cost more than the matmuls).
+* **Several steps per dispatch.** A dispatch runs up to ``n`` steps in a ``lax.while_loop`` on
+  the device, as ``generate`` does, and leaves early when a row of the group finishes (its slot
+  can take the next request) or a row's cache would pass the span. The host picks ``n`` so that
+  a dispatch takes about ``dispatch_seconds`` (measured per program), which amortises the host's
+  per-dispatch work (Python, the snapshot, token hand-off) and bounds how long a new request,
+  a cancellation or a stream waits.
+
+Programs (each compiled once per engine; all donate the state):
 
 * ``prefill``: one prompt chunk of one slot (chunk sizes 16, 32, ... up to ``prefill_chunk``);
 * ``start``: the slot's settings and its first token (the prompt's last hidden state);
-* ``step``: one forward for the rows of some modes. Every program computes all the slots (its
-  shapes are static), live or not, so what a step costs depends on the programs it runs, not on
-  the rows they advance. ``ar_steps`` says where AR rows go: ``"narrow"``, a program of width 1
-  of their own (in the block width they would push a whole block of tokens through every matmul
-  for one token); ``"wide"``, the block program; ``"auto"`` (the default), the block program
-  while any block row is live (it computes the AR rows' slots anyway, so a second program would
-  only add its cost) and the width-1 program when only AR rows are
-  (``benchmarks/serve_bench.py`` measures the three). Each has a greedy and a sampling variant,
-  chosen per step by the rows that run.
+* ``steps``: per group, slot bucket, span and greedy / sampling variant. Compiling them all is
+  many programs, so by default (``programs="lazy"``) :meth:`Engine.warmup` compiles one per
+  group that serves every case (all slots, the whole cache, sampling: a greedy row decides
+  the same in it), and the first time a smaller program would serve a dispatch it is compiled
+  on a background thread while the universal one runs; ``programs="eager"`` compiles every
+  program in :meth:`Engine.warmup`;
 * ``retire``: a cancelled slot stops at once.
 
-Thread-safety: an :class:`Engine` is driven by one thread (the scheduler's).
+Thread-safety: an :class:`Engine` is driven by one thread (the scheduler's); the background
+compiler only adds compiled programs.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import itertools
+import logging
 import math
+import queue
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -40,16 +63,22 @@ from jax import lax
 
 from nld_jax.attention import BlockPattern
 from nld_jax.decode import MODES, DecodeState, Rows, StepSpec, Track, start, step
+from nld_jax.decode.spec_quadratic import width_for as quad_width
 from nld_jax.kv_cache import KVCache
 from nld_jax.loading import NLDModel
 from nld_jax.model import forward_hidden
 from nld_jax.runtime import Runtime
 from nld_jax import validation
 
-__all__ = ["EngineConfig", "SlotSettings", "Engine", "Snapshot"]
+__all__ = ["EngineConfig", "SlotSettings", "Engine", "Snapshot", "GROUPS"]
+
+log = logging.getLogger("nld_jax.serving")
 
 MIN_CHUNK = 16
-AR_STEPS = ("auto", "narrow", "wide")
+PROGRAM_POLICIES = ("lazy", "eager")
+DEFAULT_QUAD_BLOCK = 8  # spec_quadratic's forward is C * (C + 1) tokens a row: 72 at C = 8, 1056 at C = 32
+# The step groups: the modes a program steps together (rows of one forward width).
+GROUPS = {"ar": ("ar",), "block": ("diffusion", "spec"), "quad": ("spec_quadratic",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,26 +87,42 @@ class EngineConfig:
 
     ``max_len``: the context a request may use (prompt + new tokens + the block overshoot of the
     block modes); default the model's context, at most 2048. ``max_new_tokens``: the largest
-    budget a request may ask for. ``block_width``: the widest ``block_length`` (default the
-    checkpoint's ``block_size``).
+    budget a request may ask for. ``block_width``: the widest ``block_length`` of ``diffusion``
+    and ``spec`` (default the checkpoint's ``block_size``). ``quad_block``: the widest
+    ``block_length`` of ``spec_quadratic`` (default ``min(block_width, 8)``; 0 serves no
+    ``spec_quadratic``). ``dispatch_seconds``: about how long one dispatch runs (it runs
+    up to ``max_steps`` steps). ``programs``: ``"lazy"`` or ``"eager"`` (see the module docstring).
+    ``min_span``: the shortest cache span a program reads (then 1.5 and 2 times that, ... up to
+    the cache).
     """
 
     slots: int = 8
     max_len: int | None = None
     max_new_tokens: int = 512
     block_width: int | None = None
+    quad_block: int | None = None
     prefill_chunk: int = 256
     max_stop_ids: int = 8
     implementation: str = "auto"
-    ar_steps: str = "auto"
+    dispatch_seconds: float = 0.05
+    max_steps: int = 64
+    programs: str = "lazy"
+    min_span: int = 128
 
     def __post_init__(self):
-        for name in ("slots", "max_new_tokens", "prefill_chunk", "max_stop_ids"):
+        for name in ("slots", "max_new_tokens", "prefill_chunk", "max_stop_ids", "max_steps"):
             validation.integer(getattr(self, name), name, minimum=1)
-        if self.prefill_chunk < MIN_CHUNK or self.prefill_chunk & (self.prefill_chunk - 1):
-            raise ValueError(f"prefill_chunk must be a power of two >= {MIN_CHUNK}, got {self.prefill_chunk}")
-        if self.ar_steps not in AR_STEPS:
-            raise ValueError(f"ar_steps must be one of {AR_STEPS}, got {self.ar_steps!r}")
+        if self.quad_block is not None:
+            validation.integer(self.quad_block, "quad_block", minimum=0)
+            if self.quad_block == 1:
+                raise ValueError("quad_block must be 0 (no spec_quadratic) or >= 2 (a seed and a draft)")
+        for name in ("prefill_chunk", "min_span"):
+            value = validation.integer(getattr(self, name), name)
+            if value < MIN_CHUNK or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= {MIN_CHUNK}, got {value}")
+        validation.number(self.dispatch_seconds, "dispatch_seconds", minimum=0.0, maximum=60.0)
+        if self.programs not in PROGRAM_POLICIES:
+            raise ValueError(f"programs must be one of {PROGRAM_POLICIES}, got {self.programs!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,17 +153,49 @@ class SlotSettings:
 
 @dataclasses.dataclass
 class Snapshot:
-    """What the host reads after a step: per slot, tokens emitted so far and whether it is done."""
+    """What the host reads after a dispatch: per slot, tokens emitted so far and whether it is done."""
 
     out: np.ndarray  # [B, N]
     n: np.ndarray  # [B]
     nfe: np.ndarray  # [B]
     done: np.ndarray  # [B]
     nonfinite: np.ndarray  # [B]
+    lengths: np.ndarray  # [B] cached positions
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    name: str
+    modes: tuple[str, ...]
+    width: int  # tokens per forward of a row
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramKey:
+    group: str
+    rows: int  # slot bucket
+    span: int  # cache positions the program reads and writes
+    sample: bool
 
 
 def _chunk_sizes(limit: int) -> list[int]:
     return [1 << k for k in range(int(math.log2(MIN_CHUNK)), int(math.log2(limit)) + 1)]
+
+
+def _buckets(limit: int, smallest: int = 1, half_steps: bool = False) -> list[int]:
+    """``smallest``, twice that, ... below ``limit``, and ``limit``; with ``half_steps`` also
+    1.5 times each (1, 2, 3, 4, 6, 8, 12, 16, ...: at most a third of a bucket is padding)."""
+    out, b = set(), smallest
+    while b < limit:
+        out.add(b)
+        if half_steps and b >= 2 and b * 3 // 2 < limit:
+            out.add(b * 3 // 2)
+        b *= 2
+    return sorted(out) + [limit]
+
+
+def _struct(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
 
 class Engine:
@@ -128,11 +205,19 @@ class Engine:
         self.model, self.config = model, config
         mc = model.config
         self.width = config.block_width or mc.block_size
+        self.quad_block = min(self.width, DEFAULT_QUAD_BLOCK) if config.quad_block is None else config.quad_block
         self.max_len = min(config.max_len or min(mc.max_position_embeddings, 2048), mc.max_position_embeddings)
         if self.max_len < 2:
             raise ValueError(f"max_len {self.max_len} leaves no room for a prompt and a token")
-        self.capacity = config.max_new_tokens + self.width  # spec may overshoot by a block
-        self.cache_size = self.max_len + max(self.width, config.prefill_chunk)
+        self.groups = [Group("ar", GROUPS["ar"], 1), Group("block", GROUPS["block"], self.width)]
+        if self.quad_block:
+            self.groups.append(Group("quad", GROUPS["quad"], quad_width(self.quad_block)))
+        self.state_width = max(g.width for g in self.groups)
+        self.capacity = config.max_new_tokens + max(self.width, self.quad_block)  # spec may overshoot by a block
+        # A live row holds at most max_len positions and writes one forward (or one prefill chunk) past them.
+        self.cache_size = self.max_len + max(self.state_width, config.prefill_chunk)
+        self.spans = _buckets(self.cache_size, config.min_span, half_steps=True)
+        self.buckets = _buckets(config.slots, half_steps=True)
         self.has_lora = model.lora is not None
         self.runtime = Runtime(config.implementation)
         B = config.slots
@@ -143,17 +228,22 @@ class Engine:
                  use_threshold=jnp.zeros((B,), bool), top_p=jnp.ones((B,)), top_k=jnp.zeros((B,), jnp.int32),
                  use_lora=jnp.zeros((B,), bool), key=jnp.zeros((B, 2), jnp.uint32),
                  stop_ids=jnp.full((B, config.max_stop_ids + 1), -1, jnp.int32)),
-            Track.empty(B, self.capacity, self.width))
+            Track.empty(B, self.capacity, self.state_width))
         # Every leaf its own buffer: the programs donate the state, and a buffer shared by two
         # leaves (Track.empty reuses its zeros) cannot be donated twice.
         self.state = jax.tree.map(lambda x: jnp.array(x, copy=True), self.state)
+        self._lengths = np.zeros((B,), np.int64)  # each slot's cached positions, as the host last saw them
+        self._pending_work = False  # prefills or starts dispatched since the last step dispatch
+        # What the step programs are compiled for (read once: the state's buffers are donated at every dispatch).
+        self._shapes = tuple(jax.tree.map(_struct, x) for x in (model.params, model.lora, self.state))
         self._compile()
 
     # ------------------------------------------------------------------ programs
 
     def _spec(self, modes, width, sample: bool) -> StepSpec:
         return StepSpec(modes=tuple(modes), width=width, sample=sample, truncate=sample,
-                        lora=self.has_lora and modes != ("ar",), confidence=modes != ("ar",), runtime=self.runtime)
+                        lora=self.has_lora and modes != ("ar",),
+                        confidence=any(m in modes for m in ("diffusion", "spec")), runtime=self.runtime)
 
     def _compile(self) -> None:
         config, runtime = self.model.config, self.runtime
@@ -164,16 +254,97 @@ class Engine:
                     functools.partial(_prefill_chunk, config=config, runtime=runtime, first=first),
                     donate_argnums=(1,))
         self._start = {sample: jax.jit(functools.partial(_start_slot, config=config,
-                                                         spec=self._spec(MODES, self.width, sample)),
+                                                         spec=self._spec(MODES, self.state_width, sample)),
                                        donate_argnums=(1,))
                        for sample in (False, True)}
-        block_modes = ("diffusion", "spec") if self.config.ar_steps == "narrow" else MODES
-        self._groups = [(block_modes, self.width)] + ([(("ar",), 1)] if self.config.ar_steps != "wide" else [])
-        self._step = {(modes, sample): jax.jit(functools.partial(step, config=config,
-                                                                  spec=self._spec(modes, width, sample)),
-                                               donate_argnums=(2,))
-                      for modes, width in self._groups for sample in (False, True)}
         self._retire = jax.jit(_retire, donate_argnums=(0,))
+        self._group = {g.name: g for g in self.groups}
+        self._programs: dict[ProgramKey, object] = {}  # compiled step programs
+        self._seconds: dict[ProgramKey, float] = {}  # measured seconds per step of each program
+        self.compilations = 0  # step programs compiled (tests and benchmarks read it)
+        self.dispatches = 0
+        self.steps_run = 0
+        self.dispatched: collections.Counter[ProgramKey] = collections.Counter()  # dispatches per program run
+        self._lock = threading.Lock()
+        self._wanted: queue.PriorityQueue = queue.PriorityQueue()  # (priority, order, key)
+        self._order = itertools.count()
+        self._queued: dict[ProgramKey, int] = {}  # queued for the compiler, with its priority
+        self._compiler: threading.Thread | None = None
+
+    def program_keys(self) -> list[ProgramKey]:
+        """Every step program this engine may run."""
+        return [ProgramKey(g.name, b, span, sample) for g in self.groups for sample in (False, True)
+                for b in self.buckets for span in self.spans]
+
+    def _universal(self, group: str) -> ProgramKey:
+        return ProgramKey(group, self.config.slots, self.cache_size, True)
+
+    def _build(self, key: ProgramKey):
+        """Compile the step program ``key`` (ahead of time, from shapes: the state may be donated
+        meanwhile)."""
+        g = self._group[key.group]
+        fn = functools.partial(_group_steps, config=self.model.config, spec=self._spec(g.modes, g.width, key.sample),
+                               span=key.span)
+        args = (*self._shapes, jax.ShapeDtypeStruct((key.rows,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+        compiled = jax.jit(fn, donate_argnums=(2,)).lower(*args).compile()
+        with self._lock:
+            self._programs[key] = compiled
+            self.compilations += 1
+        return compiled
+
+    def _compile_in_background(self, key: ProgramKey, priority: int = 0) -> None:
+        """Queue ``key`` for the compiler thread (``priority`` 0: a dispatch wants it now; 1: ahead
+        of need)."""
+        with self._lock:
+            if key in self._programs or self._queued.get(key, 2) <= priority:
+                return
+            self._queued[key] = priority  # queued again if it waited with a lower priority
+            if self._compiler is None:
+                self._compiler = threading.Thread(target=self._compile_loop, name="nld-serve-compiler", daemon=True)
+                self._compiler.start()
+        self._wanted.put((priority, next(self._order), key))
+
+    def _compile_loop(self) -> None:
+        while True:
+            _, _, key = self._wanted.get()
+            if key is None:
+                return
+            try:
+                if key not in self._programs:
+                    self._build(key)
+            except Exception:  # the universal program keeps serving this case
+                log.exception("compiling the step program %s failed", key)
+            finally:
+                with self._lock:
+                    self._queued.pop(key, None)
+
+    @property
+    def programs_pending(self) -> int:
+        """Step programs queued for the background compiler."""
+        with self._lock:
+            return len(self._queued)
+
+    def close(self) -> None:
+        """Stop the background compiler (a program it is compiling finishes first)."""
+        compiler, self._compiler = self._compiler, None
+        if compiler is not None:
+            self._wanted.put((-1, -1, None))
+            compiler.join(timeout=120)
+
+    def _program_for(self, want: ProgramKey):
+        """The compiled program for ``want``, or the cheapest compiled one that serves it (more
+        rows, a longer span, sampling); compiled now if there is none."""
+        with self._lock:
+            exact = self._programs.get(want)
+            if exact is not None:
+                return want, exact
+            serving = [(k, p) for k, p in self._programs.items()
+                       if k.group == want.group and k.rows >= want.rows and k.span >= want.span
+                       and k.sample >= want.sample]
+        if not serving:
+            return want, self._build(want)
+        self._compile_in_background(want)
+        return min(serving, key=lambda kp: kp[0].rows * (kp[0].span + 4 * self._group[want.group].width))
 
     # ------------------------------------------------------------------ slots
 
@@ -198,17 +369,32 @@ class Engine:
         return chunks
 
     def _run_prefill(self, slot, tokens, n_valid, size, first) -> None:
-        self.state, self._last = self._prefill[size, first](self.model.params, self.state, jnp.int32(slot),
-                                                            jnp.asarray(tokens), jnp.int32(n_valid))
+        # numpy arguments: a jitted call takes them on its fast path (a jnp array here is an eager op each)
+        self.state, self._last = self._prefill[size, first](self.model.params, self.state, np.int32(slot), tokens,
+                                                            np.int32(n_valid))
+        self._lengths[slot] = n_valid if first else self._lengths[slot] + n_valid
+        self._pending_work = True
 
     def start(self, slot: int, settings: SlotSettings) -> None:
         """After the prefill: the slot's settings, its first token, its mode's start."""
         row = self.row_settings(settings)
-        self.state = self._start[settings.samples](self.model.params, self.state, jnp.int32(slot), self._last, row)
+        self.state = self._start[settings.samples](self.model.params, self.state, np.int32(slot), self._last, row)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes this engine serves."""
+        return tuple(m for m in MODES if any(m in g.modes for g in self.groups))
+
+    def block_limit(self, mode: str) -> int:
+        """The widest ``block_length`` this engine serves in ``mode``."""
+        return self.quad_block if mode == "spec_quadratic" else self.width
 
     def row_settings(self, s: SlotSettings) -> Rows:
-        if s.block_length > self.width:
-            raise ValueError(f"block_length {s.block_length} exceeds this engine's block width {self.width}")
+        if s.mode == "spec_quadratic" and not self.quad_block:
+            raise ValueError("this engine serves no spec_quadratic (quad_block=0)")
+        if s.block_length > self.block_limit(s.mode):
+            raise ValueError(f"block_length {s.block_length} exceeds this engine's {s.mode} block width "
+                             f"{self.block_limit(s.mode)}")
         if s.max_new_tokens > self.config.max_new_tokens:
             raise ValueError(f"max_new_tokens {s.max_new_tokens} exceeds this engine's limit "
                              f"{self.config.max_new_tokens}")
@@ -219,14 +405,14 @@ class Engine:
         eos = self.model.config.eos_token_id
         stops = [-1 if eos is None else eos, *s.stop_ids]
         stops += [-1] * (self.config.max_stop_ids + 1 - len(stops))
-        one = lambda value, dtype: jnp.asarray([value], dtype)  # noqa: E731
-        return Rows(mode=one(MODES.index(s.mode), jnp.int32), block_length=one(s.block_length, jnp.int32),
-                    max_new_tokens=one(s.max_new_tokens, jnp.int32), temperature=one(s.temperature, jnp.float32),
-                    threshold=one(0.0 if s.threshold is None else s.threshold, jnp.float32),
-                    use_threshold=one(s.use_threshold, bool), top_p=one(s.top_p, jnp.float32),
-                    top_k=one(s.top_k, jnp.int32), use_lora=one(s.use_lora and s.mode != "ar", bool),
-                    key=jnp.asarray(validation.seed_key(s.seed)[None], jnp.uint32),
-                    stop_ids=jnp.asarray([stops], jnp.int32))
+        one = lambda value, dtype: np.asarray([value], dtype)  # noqa: E731
+        return Rows(mode=one(MODES.index(s.mode), np.int32), block_length=one(s.block_length, np.int32),
+                    max_new_tokens=one(s.max_new_tokens, np.int32), temperature=one(s.temperature, np.float32),
+                    threshold=one(0.0 if s.threshold is None else s.threshold, np.float32),
+                    use_threshold=one(s.use_threshold, bool), top_p=one(s.top_p, np.float32),
+                    top_k=one(s.top_k, np.int32), use_lora=one(s.use_lora and s.mode != "ar", bool),
+                    key=np.asarray(validation.seed_key(s.seed)[None], np.uint32),
+                    stop_ids=np.asarray([stops], np.int32))
 
     def check_fits(self, prompt_len: int, max_new_tokens: int, mode: str, block_length: int) -> None:
         from nld_jax.decode import context_needed
@@ -234,46 +420,168 @@ class Engine:
         needed = context_needed(prompt_len, max_new_tokens, mode, block_length)
         if needed > self.max_len:
             raise ValueError(f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens}"
-                             + (f" + {block_length - 1} (block overshoot)" if mode != "ar" else "")
+                             + (f" + {needed - prompt_len - max_new_tokens} (block overshoot)" if mode != "ar" else "")
                              + f" exceeds the server's context of {self.max_len} positions")
 
     def retire(self, slot: int) -> None:
         """Stop ``slot`` now (a cancelled request); its rows are free for the next admission."""
-        self.state = self._retire(self.state, jnp.int32(slot))
+        self.state = self._retire(self.state, np.int32(slot))
 
     def warmup(self) -> None:
-        """Compile and run every program once, so that no request waits for a compilation (a
-        server calls this before it accepts connections). It runs on slot 0 and leaves it
-        retired: the next admission's prefill and start overwrite all of that slot's state."""
+        """Compile the programs (see ``programs`` in the module docstring) and run the prefill
+        and start programs once, so that no request waits for a compilation (a server calls this
+        before it accepts connections). It runs on slot 0 and leaves it retired: the next
+        admission's prefill and start overwrite all of that slot's state."""
         for size, first in sorted(self._prefill, key=lambda k: (not k[1], k[0])):  # a first chunk before the rest
             self._run_prefill(0, np.zeros((1, size), np.int32), 1, size, first)
         for sample in (False, True):
             mode = "spec" if self.width > 1 else "ar"
             self.start(0, SlotSettings(mode=mode, max_new_tokens=1, block_length=self.width, threshold=None,
                                        temperature=1.0 if sample else 0.0))
-            for modes, _ in self._groups:
-                self.state = self._step[modes, sample](self.model.params, self.model.lora, self.state)
         self.retire(0)
+        universal = [self._universal(g.name) for g in self.groups]
+        for key in self.program_keys() if self.config.programs == "eager" else universal:
+            if key not in self._programs:
+                self._build(key)
+        if self.config.programs == "lazy":  # the greedy programs of short contexts, compiled while serving
+            for key in self.ahead_keys():
+                self._compile_in_background(key, priority=1)
         self.snapshot()
+
+    def ahead_keys(self) -> list[ProgramKey]:
+        """What the background compiler compiles after :meth:`warmup` without waiting to be asked:
+        greedy AR and block programs of every slot bucket for the two shortest spans (the rest,
+        spec_quadratic's among them, when a dispatch first asks for them). An AR or block row
+        never needs more than ``max_len`` positions (the context check counts the block overshoot)."""
+        spans = [s for s in self.spans if s <= self._span_for(self.max_len)][:2]
+        return [ProgramKey(g.name, b, span, False) for span in spans for g in self.groups
+                if g.name != "quad" for b in reversed(self.buckets)]
 
     # ------------------------------------------------------------------ steps
 
-    def step(self, live: dict[int, SlotSettings]) -> None:
-        """One forward for every live row (``live``: slot -> its settings, from the scheduler):
-        each step group with live rows runs once."""
-        groups = self._groups
-        if self.config.ar_steps == "auto":  # the block program alone while it has a block row to advance
-            groups = groups[:1] if any(s.mode != "ar" for s in live.values()) else groups[1:]
-        for modes, _ in groups:
-            members = [s for s in live.values() if s.mode in modes]
-            if members:
-                sample = any(s.samples for s in members)
-                self.state = self._step[modes, sample](self.model.params, self.model.lora, self.state)
+    def step(self, live: dict[int, SlotSettings], dispatch_seconds: float | None = None) -> int:
+        """Decode the live rows (``live``: slot -> its settings, from the scheduler): one dispatch
+        per group with live rows, each up to about ``dispatch_seconds`` long (default the
+        config's; 0: one step), see the module docstring. Returns the most steps a group ran."""
+        target = self.config.dispatch_seconds if dispatch_seconds is None else dispatch_seconds
+        most = 0
+        for g in self.groups:
+            slots = [slot for slot, s in live.items() if s.mode in g.modes]
+            if slots:
+                most = max(most, self._dispatch(g, slots, any(live[slot].samples for slot in slots), target))
+        return most
+
+    def _dispatch(self, g: Group, slots: list[int], sample: bool, target: float) -> int:
+        rows = next(b for b in self.buckets if b >= len(slots))
+        longest = int(max(self._lengths[slot] for slot in slots))
+        # The shortest span with room for the next step: the loop leaves once a row outgrows it, and
+        # the next dispatch takes a longer one (one more dispatch at each crossing is cheaper than
+        # attending over a longer span all along).
+        key, program = self._program_for(ProgramKey(g.name, rows, self._span_for(longest + g.width), sample))
+        n = self._steps_for(self._guess(key), target)
+        others = [slot for slot in range(self.config.slots) if slot not in set(slots)]
+        idx = np.asarray(slots + others[:key.rows - len(slots)], np.int32)
+        if self._pending_work:  # prefills and starts queued before: not this program's time
+            jax.block_until_ready(self.state)
+            self._pending_work = False
+        started = time.perf_counter()
+        self.state, ran = program(self.model.params, self.model.lora, self.state, idx, np.int32(n))
+        ran = int(ran)  # waits for the dispatch
+        seconds = (time.perf_counter() - started) / max(ran, 1)
+        old = self._seconds.get(key)
+        self._seconds[key] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        self.dispatches += 1
+        self.steps_run += ran
+        self.dispatched[key] += 1
+        return ran
+
+    def _guess(self, key: ProgramKey) -> float | None:
+        """Seconds per step of ``key``: measured, else the nearest measured program of its group
+        at least as big (an over-estimate: fewer steps), else None."""
+        if key in self._seconds:
+            return self._seconds[key]
+        bigger = [(k.rows * k.span, s) for k, s in self._seconds.items()
+                  if k.group == key.group and k.rows >= key.rows and k.span >= key.span]
+        return min(bigger)[1] if bigger else None
+
+    def _span_for(self, positions: int) -> int:
+        return next((s for s in self.spans if s >= positions), self.cache_size)
+
+    def _steps_for(self, seconds_per_step: float | None, target: float) -> int:
+        if seconds_per_step is None:
+            return 1
+        return int(min(max(target / max(seconds_per_step, 1e-6), 1), self.config.max_steps))
 
     def snapshot(self) -> Snapshot:
         t = self.state.track
-        out, n, nfe, done, bad = jax.device_get((t.out, t.n, t.nfe, t.done, t.nonfinite))
-        return Snapshot(np.asarray(out), np.asarray(n), np.asarray(nfe), np.asarray(done), np.asarray(bad))
+        out, n, nfe, done, bad, lengths = jax.device_get((t.out, t.n, t.nfe, t.done, t.nonfinite,
+                                                          self.state.cache.lengths))
+        self._lengths = np.array(lengths, np.int64)
+        return Snapshot(np.asarray(out), np.asarray(n), np.asarray(nfe), np.asarray(done), np.asarray(bad),
+                        self._lengths.copy())
+
+
+def _group_steps(params, lora, state: DecodeState, idx, n_steps, *, config, spec: StepSpec, span: int):
+    """Up to ``n_steps`` steps of the rows ``idx [b]`` (their first ``span`` cache positions, their
+    block narrowed to the program's width), then written back. Rows of other groups among them
+    (padding) do not step. Leaves early once a row of the group finishes or could write past the
+    span. Returns the state and the steps run."""
+    W = spec.width
+    sub = _gather(state, idx, span, W)
+    modes = jnp.asarray([MODES.index(m) for m in spec.modes], jnp.int32)
+    in_group = jnp.isin(sub.rows.mode, modes)
+    running = in_group & ~sub.track.done
+
+    def cond(carry):
+        s, i = carry
+        live = in_group & ~s.track.done
+        fits = jnp.all(~live | (s.cache.lengths + W <= span))
+        return (i < n_steps) & jnp.any(live) & fits & ~jnp.any(running & s.track.done)
+
+    def body(carry):
+        s, i = carry
+        return step(params, lora, s, config=config, spec=spec), i + 1
+
+    sub, ran = lax.while_loop(cond, body, (sub, jnp.int32(0)))
+    return _scatter(state, idx, sub, span, W), ran
+
+
+def _cache_leaves(cache: KVCache) -> list[str]:
+    return [name for name in ("k", "v", "k_scale", "v_scale") if getattr(cache, name) is not None]
+
+
+def _gather(state: DecodeState, idx, span: int, W: int) -> DecodeState:
+    take = lambda x: jnp.take(x, idx, axis=0)  # noqa: E731
+    cache = state.cache
+    parts = {name: jnp.take(getattr(cache, name)[:, :, :span], idx, axis=1) for name in _cache_leaves(cache)}
+    sub_cache = dataclasses.replace(cache, lengths=take(cache.lengths), **parts)
+    track = jax.tree.map(take, state.track)
+    track = dataclasses.replace(track, blk=track.blk[:, :W], blk_at=track.blk_at[:, :W])
+    return DecodeState(sub_cache, jax.tree.map(take, state.rows), track)
+
+
+def _scatter(state: DecodeState, idx, sub: DecodeState, span: int, W: int) -> DecodeState:
+    """``sub`` written back into the rows ``idx`` of ``state``: the cache one row at a time (each
+    an in-place update of the donated buffer; XLA's scatter on CPU is slow), the track by index."""
+    cache = state.cache
+    names = _cache_leaves(cache)
+
+    def row(i, arrays):  # [:, idx[i], :span] of the full cache
+        out = []
+        for full, name in zip(arrays, names):
+            part = lax.dynamic_slice_in_dim(getattr(sub.cache, name), i, 1, axis=1)
+            start = (0, idx[i]) + (0,) * (full.ndim - 2)
+            out.append(lax.dynamic_update_slice(full, part, start))
+        return tuple(out)
+
+    arrays = lax.fori_loop(0, idx.shape[0], row, tuple(getattr(cache, n) for n in names))
+    new_cache = dataclasses.replace(cache, lengths=cache.lengths.at[idx].set(sub.cache.lengths),
+                                    **dict(zip(names, arrays)))
+    full = state.track
+    track = dataclasses.replace(sub.track, blk=full.blk[idx].at[:, :W].set(sub.track.blk),
+                                blk_at=full.blk_at[idx].at[:, :W].set(sub.track.blk_at))
+    track = jax.tree.map(lambda whole, part: whole.at[idx].set(part), full, track)
+    return DecodeState(new_cache, state.rows, track)  # a row's settings never change while it decodes
 
 
 def _prefill_chunk(params, state: DecodeState, slot, tokens, n_valid, *, config, runtime, first: bool):

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 __all__ = ["Metrics"]
 
-MODES = ("ar", "diffusion", "spec")
+MODES = ("ar", "diffusion", "spec", "spec_quadratic")
 
 disable_created_metrics()  # no *_created series: they double the output and nobody reads them
 
@@ -38,8 +38,14 @@ class Metrics:
                          registry=r)
         self.tokens_per_second = Gauge("nld_output_tokens_per_second",
                                        f"Output tokens per second over the last {window_seconds:g} s", registry=r)
-        self.step_seconds = Histogram("nld_step_seconds", "Duration of one engine step", registry=r,
+        self.step_seconds = Histogram("nld_step_seconds", "Duration of one engine iteration (a dispatch of up to n "
+                                      "decode steps per step group, and the host's token hand-off)", registry=r,
                                       buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0))
+        self.decode_steps = Counter("nld_decode_steps", "Decode steps run (one forward of every live row of a group; "
+                                    "counted once per iteration, the most of its groups)", registry=r)
+        self.programs_compiled = Gauge("nld_programs_compiled", "Engine step programs compiled so far", registry=r)
+        self.programs_pending = Gauge("nld_programs_pending", "Engine step programs waiting for the background "
+                                      "compiler (a universal program serves their cases meanwhile)", registry=r)
         self.ttft = Histogram("nld_time_to_first_token_seconds", "Time from arrival to the first token", registry=r,
                               buckets=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0))
         self._window = window_seconds
@@ -53,8 +59,9 @@ class Metrics:
     def rejected(self) -> None:
         self.rejected_total.inc()
 
-    def step(self, live, seconds: float) -> None:
+    def step(self, live, seconds: float, steps: int = 1) -> None:
         self.step_seconds.observe(seconds)
+        self.decode_steps.inc(steps)
 
     def finished(self, request) -> None:
         mode = request.settings.mode
@@ -72,8 +79,11 @@ class Metrics:
                 self.tpf.labels(mode).set(totals[0] / totals[1])
             self._recent.append((time.monotonic(), n))
 
-    def render(self, queue_depth: int, slots_busy: int, slots: int) -> bytes:
-        """The Prometheus text exposition (gauges of the moment set first)."""
+    def render(self, queue_depth: int, slots_busy: int, slots: int, programs: tuple[int, int] = (0, 0)) -> bytes:
+        """The Prometheus text exposition (gauges of the moment set first; ``programs``: step
+        programs compiled and pending)."""
+        self.programs_compiled.set(programs[0])
+        self.programs_pending.set(programs[1])
         self.queue_depth.set(queue_depth)
         self.slots_busy.set(slots_busy)
         self.slots_total.set(slots)

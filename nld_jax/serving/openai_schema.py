@@ -9,7 +9,7 @@ gets less than it asked for. Every number goes through :mod:`nld_jax.validation`
 decoding settings through :func:`nld_jax.generate.resolve_settings`, so the server and
 ``generate`` accept exactly the same values.
 
-NLD's own fields ride in the body: ``mode`` ("ar" | "diffusion" | "spec"), ``block_length``,
+NLD's own fields ride in the body: ``mode`` ("ar" | "diffusion" | "spec" | "spec_quadratic"), ``block_length``,
 ``threshold`` (a number, null for diffusion's top-k schedule, or "auto"), ``use_lora``,
 ``top_k`` and ``stop_token_ids``.
 """
@@ -30,7 +30,7 @@ from nld_jax.serving.engine import Engine, SlotSettings
 __all__ = ["APIError", "Parsed", "SERVED_MODES", "parse_completion", "parse_chat", "new_id", "usage",
            "completion_body", "chat_body", "completion_chunk", "chat_chunk"]
 
-SERVED_MODES = ("ar", "diffusion", "spec")
+SERVED_MODES = ("ar", "diffusion", "spec", "spec_quadratic")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 16
 _ABSENT = object()
@@ -160,8 +160,11 @@ def _settings(body: dict, prompt: list[int], prompt_param: str, engine: Engine, 
     """The decoding settings of ``body`` for ``prompt`` (``default_max``: the budget when the body
     names none; None = all the context leaves, up to the server's limit)."""
     mode = _get(body, "mode", "ar")
-    if mode not in SERVED_MODES:
-        raise _bad(f"unknown mode {mode!r}; choose one of {SERVED_MODES}", "mode")
+    served = engine.modes
+    if mode not in served:
+        if mode in SERVED_MODES:
+            raise _bad(f"this server does not serve {mode} (nld-serve --quad-block 0); choose one of {served}", "mode")
+        raise _bad(f"unknown mode {mode!r}; choose one of {served}", "mode")
     temperature = _get(body, "temperature", 0.0)
     _checked("temperature", validation.number, temperature, "temperature", minimum=0.0, maximum=2.0)
     top_p = _get(body, "top_p", 1.0)
@@ -175,13 +178,16 @@ def _settings(body: dict, prompt: list[int], prompt_param: str, engine: Engine, 
     try:
         s = resolve_settings(engine.model, mode, max_new or 1, block_length, threshold, temperature, use_lora,
                              top_p, top_k)
-        if block_length is None and s.block_length > engine.width:  # the default, on a narrower server
-            s = resolve_settings(engine.model, mode, max_new or 1, engine.width, threshold, temperature, use_lora,
+        limit = engine.block_limit(s.mode)
+        if block_length is None and s.block_length > limit:  # the default, on a narrower server
+            s = resolve_settings(engine.model, mode, max_new or 1, limit, threshold, temperature, use_lora,
                                  top_p, top_k)
     except ValueError as e:
         raise _bad(str(e), _library_param(str(e))) from None
-    if s.block_length > engine.width:
-        raise _bad(f"block_length {s.block_length} exceeds this server's block width {engine.width}", "block_length")
+    if s.block_length > limit:
+        flag = "--quad-block" if s.mode == "spec_quadratic" else "--block-width"
+        raise _bad(f"block_length {s.block_length} exceeds this server's {s.mode} block width {limit} "
+                   f"(nld-serve {flag})", "block_length")
     room = engine.max_len - context_needed(len(prompt), 0, s.mode, s.block_length)
     if max_new is None:
         if room < 1:

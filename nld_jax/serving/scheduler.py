@@ -2,9 +2,11 @@
 
 Each iteration of the loop admits queued requests into free slots (a prompt is prefilled one
 chunk per iteration, so a long prompt never stalls the running rows for more than one chunk),
-runs one engine step for the live rows, and hands each request its new tokens. A finished row
-frees its slot at once; a cancelled one is retired before the next step. Requests beyond the
-queue's bound are refused (:class:`QueueFull`), so memory stays bounded under any load.
+runs one engine dispatch per step group of the live rows (up to ``n`` decode steps on the
+device, about ``EngineConfig.dispatch_seconds`` long, ended early when a row finishes), and
+hands each request its new tokens. A finished row frees its slot at once; a cancelled one is
+retired before the next dispatch. Requests beyond the queue's bound are refused
+(:class:`QueueFull`), so memory stays bounded under any load.
 
 A :class:`Request` is the handle a caller keeps: ``result()`` blocks for the whole output,
 ``events()`` iterates over the text and tokens as they come, ``on_event`` (set before
@@ -129,8 +131,10 @@ class _Slot:
 class Scheduler:
     """Drives an :class:`Engine` from a thread of its own (see the module docstring)."""
 
-    def __init__(self, engine: Engine, *, max_queue: int = 64, tokenizer=None, metrics: Metrics | None = None):
+    def __init__(self, engine: Engine, *, max_queue: int = 64, tokenizer=None, metrics: Metrics | None = None,
+                 dispatch_seconds: float | None = None):
         self.engine, self.tokenizer = engine, tokenizer
+        self.dispatch_seconds = dispatch_seconds  # None: the engine's (EngineConfig.dispatch_seconds)
         self.metrics = metrics or Metrics()
         self.max_queue = max_queue
         self._intake: queue.SimpleQueue[Request] = queue.SimpleQueue()
@@ -208,13 +212,18 @@ class Scheduler:
                 self._take_intake()
                 self._drop_cancelled()
                 self._admit()
-                self._prefill_one_chunk_each()
+                if fresh := self._prefill_one_chunk_each():
+                    # The first token of AR and spec rows comes from the prefill: it goes out now, not
+                    # after the next dispatch (the snapshot waits for the prefill, which the dispatch
+                    # would wait for anyway).
+                    self._hand_out(fresh, self.engine.snapshot())
                 live = {slot: s.request.settings for slot, s in self._slots.items() if not s.chunks}
                 if live:
                     started = time.perf_counter()
-                    self.engine.step(live)
-                    snap = self.engine.snapshot()  # waits for the step: its time is the device's too
-                    self._publish(live, snap, time.perf_counter() - started)
+                    steps = self.engine.step(live, self.dispatch_seconds)  # up to n steps per group, on the device
+                    snap = self.engine.snapshot()
+                    self.metrics.step(live, time.perf_counter() - started, steps)
+                    self._hand_out(live, snap)
                 elif not self._slots and not self._waiting:
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -267,16 +276,21 @@ class Scheduler:
                 continue
             self._slots[slot] = _Slot(request, chunks)
 
-    def _prefill_one_chunk_each(self) -> None:
+    def _prefill_one_chunk_each(self) -> list[int]:
+        """One prefill chunk of each slot that has some left; the slots whose prefill ended (and
+        that started decoding)."""
+        started = []
         for slot, s in self._slots.items():
             if s.chunks:
                 s.chunks.pop(0)()
                 if not s.chunks:
                     self.engine.start(slot, s.request.settings)
                     s.request.nfe = 1 if s.request.settings.mode != "diffusion" else 0
+                    started.append(slot)
+        return started
 
-    def _publish(self, live: dict[int, SlotSettings], snap, seconds: float) -> None:
-        self.metrics.step(live, seconds)
+    def _hand_out(self, live, snap) -> None:
+        """Each of the ``live`` slots' new tokens to its request; finished requests close."""
         eos = self.engine.model.config.eos_token_id
         for slot in list(live):
             s = self._slots[slot]

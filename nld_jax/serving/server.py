@@ -213,7 +213,7 @@ def create_app(scheduler: Scheduler, model, model_name: str) -> FastAPI:
         return JSONResponse({"object": "list", "data": [{
             "id": model_name, "object": "model", "created": created, "owned_by": "nld-jax",
             "max_model_len": engine.max_len, "max_new_tokens": engine.config.max_new_tokens,
-            "modes": list(schema.SERVED_MODES), "block_width": engine.width}]})
+            "modes": list(engine.modes), "block_width": engine.width, "quad_block": engine.quad_block}]})
 
     @app.get("/health")
     @_guarded
@@ -229,7 +229,8 @@ def create_app(scheduler: Scheduler, model, model_name: str) -> FastAPI:
     @app.get("/metrics")
     @_guarded
     async def metrics(http: Request):
-        text = scheduler.metrics.render(scheduler.queue_depth, scheduler.slots_busy, engine.config.slots)
+        text = scheduler.metrics.render(scheduler.queue_depth, scheduler.slots_busy, engine.config.slots,
+                                        (engine.compilations, engine.programs_pending))
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     return app
