@@ -340,7 +340,7 @@ def load(model, args, modes: list[str]) -> None:
         process, port = start_server(args, log)
         seconds = warm(port, work, args.max_tokens, args.concurrency)
         compiled = metric(port, "nld_programs_compiled")
-        print(f"(server warm-up load and background compilation: {seconds:.0f} s, {compiled:.0f} step programs)")
+        print(f"(server warm-up load and background compilation: {seconds:.0f} s, {compiled:.0f} programs compiled)")
         print(f"\n{'':10} {'conc':>4} {'req/s':>7} {'out tok/s':>9} {'generate before/after':>21} {'x base':>6} "
               f"{'TTFT ms p50/p90/p99':>20} {'ITL ms p50/p90/p99':>19} {'tokens != generate':>18}", flush=True)
         before = baseline(model, work, args.max_tokens)
@@ -353,7 +353,7 @@ def load(model, args, modes: list[str]) -> None:
                   f"{before['tps']:>10.1f}/{after['tps']:<10.1f} {r['tps'] / base:6.2f} {r['ttft']:>20} "
                   f"{r['itl']:>19} {mismatched:>18}", flush=True)
             before = after
-        print(f"step programs compiled during the timed loads: {metric(port, 'nld_programs_compiled') - compiled:.0f}")
+        print(f"programs compiled during the timed loads: {metric(port, 'nld_programs_compiled') - compiled:.0f}")
     finally:
         if process is not None:
             code = stop_server(process)

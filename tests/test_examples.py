@@ -69,6 +69,8 @@ def test_finetune_sft_and_lora(golden_dir, tmp_path):
         assert out.tokens[0]
 
 
+# A whole notebook through a kernel (~15 s): slow step of CI.
+@pytest.mark.slow
 def test_colab_notebook_executes_top_to_bottom(tmp_path):
     import nbclient  # in the `test` extra: missing is a failure, not a skip
     import nbformat

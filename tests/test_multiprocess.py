@@ -98,6 +98,8 @@ def test_single_process_results(single):
     assert {r["mode"] for r in single} == {"ar", "diffusion", "spec"}
 
 
+# Two fresh processes each start JAX and compile everything (~30 s): slow step of CI.
+@pytest.mark.slow
 def test_two_processes_write_the_same_jsonl(prompts_file, single, tmp_path):
     out = tmp_path / "results.jsonl"
     run_two_processes(prompts_file, out, "data=4,tensor=2")  # tensor pairs in a process, data across

@@ -230,6 +230,8 @@ def test_greedy_head_takes_the_quantized_head(tiny_int8):
     np.testing.assert_allclose(np.asarray(prob), np.asarray(jax.nn.softmax(logits, -1).max(-1)), rtol=1e-5)
 
 
+# Compiles every engine program again for int8 weights (~14 s): slow step of CI.
+@pytest.mark.slow
 def test_serving_engine_decodes_what_generate_does_on_quantized_weights(tiny_int8, cases):
     from nld_jax.generate import resolve_settings
     from nld_jax.serving.engine import Engine, EngineConfig, SlotSettings

@@ -102,6 +102,29 @@ def test_steps_per_dispatch_do_not_change_the_tokens(tiny, engine, dispatch_seco
         scheduler.stop(drain=False)
 
 
+def test_requests_admitted_together_decode_what_generate_does(tiny, engine):
+    """Prompts of one bucket waiting together are prefilled and started in one program (2 at a
+    time in a 3-slot engine; the third alone); each row then decodes what generate gives it."""
+    from nld_jax.serving.engine import AdmitKey
+
+    key = AdmitKey(2, 16, False)
+    if key not in engine._programs:
+        engine._build(key)
+    before = engine.dispatched[key]
+    prompts = [tiny.tokenizer.encode(p) for p in ("def fib(n):", "import os", "x = [1, 2]")]
+    assert all(len(p) <= 16 for p in prompts)
+    cases = list(zip(prompts, [settings(tiny, "spec", 16), settings(tiny, "ar", 12), settings(tiny, "diffusion", 16)]))
+    scheduler = Scheduler(engine, tokenizer=tiny.tokenizer)  # not started: the three wait together
+    jobs = [scheduler.submit(Request(p, s)) for p, s in cases]
+    scheduler.start()
+    try:
+        for job, (prompt, s) in zip(jobs, cases):
+            assert (job.result(TIMEOUT).tokens, job.nfe) == alone(tiny, prompt, s), s.mode
+    finally:
+        scheduler.stop(drain=False)
+    assert engine.dispatched[key] == before + 1
+
+
 def test_a_dispatch_ends_when_a_row_finishes(tiny):
     """Two AR rows (AR: the prefill gives the first token, each step one more): the one of 3
     tokens finishes after 2 steps, and the dispatch stops there, however many steps it may run."""

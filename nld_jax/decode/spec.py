@@ -114,11 +114,16 @@ def emit_verified(rows: Rows, track: Track, verified: jax.Array, accepted: jax.A
     return dataclasses.replace(track, out=out, out_at=out_at, n=n, nfe=track.nfe + 1, done=done), seed
 
 
+def by_row(flag: jax.Array, on, off):
+    """Per row, the tree ``on`` where ``flag [B]`` else ``off`` (rows of one step are in different
+    phases). Shared by linear and quadratic self-speculation."""
+    return jax.tree.map(lambda a, b: jnp.where(flag.reshape(flag.shape + (1,) * (a.ndim - 1)), a, b), on, off)
+
+
 def advance(rows: Rows, track: Track, req: Request, dec: Decision, config: NLDConfig):
     mask_id = config.mask_token_id
     verify = track.phase == VERIFY
     drafted = _draft(rows, track, dec, mask_id)
     verified, accepted = _verify(rows, track, dec, mask_id)
-    new = jax.tree.map(lambda v, d: jnp.where(verify.reshape(verify.shape + (1,) * (v.ndim - 1)), v, d),
-                       verified, drafted)
-    return new, jnp.where(verify, accepted, 0)  # all C entries were written; only the accepted ones stay
+    # all C entries were written; only the accepted ones stay
+    return by_row(verify, verified, drafted), jnp.where(verify, accepted, 0)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from nld_jax.attention import BlockPattern
 from nld_jax.config import NLDConfig
 from nld_jax.decode.sampling import Decision
-from nld_jax.decode.spec import accepted_length, emit_verified
+from nld_jax.decode.spec import accepted_length, by_row, emit_verified
 from nld_jax.decode.state import Request, Rows, Track, is_stop, write_rows
 
 __all__ = ["DRAFT", "QUAD", "width_for", "block_for", "start", "request", "advance"]
@@ -149,7 +149,5 @@ def advance(rows: Rows, track: Track, req: Request, dec: Decision, config: NLDCo
     quad = track.phase == QUAD
     drafted = _draft(rows, track, dec, mask_id)
     verified, accepted = _quad(rows, track, dec, mask_id)
-    new = jax.tree.map(lambda q, d: jnp.where(quad.reshape(quad.shape + (1,) * (q.ndim - 1)), q, d),
-                       verified, drafted)
     # The whole block was written; only the seed and the accepted drafts stay.
-    return new, jnp.where(quad, accepted, 0)
+    return by_row(quad, verified, drafted), jnp.where(quad, accepted, 0)

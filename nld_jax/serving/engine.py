@@ -17,10 +17,11 @@ Where the time goes, and what the design does about it (``benchmarks/serve_bench
   never pays for a wider forward than its mode's (an AR row in the block program would push a
   whole block through every matmul for one token).
 * **Only the live rows, only the used cache.** A dispatch gathers the live rows of a group (a
-  slot bucket: 1, 2, 4, ... up to ``slots``; the rest padded with rows that do not step) and the
-  first ``span`` positions of their KV cache (128, 256, ... up to the cache), steps them, and
-  writes them back. A program's cost follows the rows and context in use, not the engine's
-  capacity (attention over an unused 1280-slot cache cost more than the matmuls).
+  slot bucket: 1, 2, 3, 4, 6, 8, 12, ... up to ``slots``; the rest padded with rows that do not
+  step) and the first ``span`` positions of their KV cache (``min_span`` = 128, 192, 256, 384,
+  ... up to the cache), steps them, and writes them back. A program's cost follows the rows and
+  context in use, not the engine's capacity (attention over an unused 1280-slot cache cost more
+  than the matmuls).
 * **Several steps per dispatch.** A dispatch runs up to ``n`` steps in a ``lax.while_loop`` on
   the device, as ``generate`` does, and leaves early when a row of the group finishes (its slot
   can take the next request) or a row's cache would pass the span. The host picks ``n`` so that
@@ -28,16 +29,22 @@ Where the time goes, and what the design does about it (``benchmarks/serve_bench
   per-dispatch work (Python, the snapshot, token hand-off) and bounds how long a new request,
   a cancellation or a stream waits.
 
+* **Admissions together.** Prompts of one bucket that wait in the same iteration are prefilled
+  and started in one program (2, 4, 8, ... at a time); a prompt longer than ``prefill_chunk``
+  is prefilled one chunk per iteration, so it never stalls the running rows for long.
+
 Programs (each compiled once per engine; all donate the state):
 
 * ``prefill``: one prompt chunk of one slot (chunk sizes 16, 32, ... up to ``prefill_chunk``);
 * ``start``: the slot's settings and its first token (the prompt's last hidden state);
+* ``admit``: the prefill and start of k slots whose prompts fit one chunk of the same size;
 * ``steps``: per group, slot bucket, span and greedy / sampling variant. Compiling them all is
   many programs, so by default (``programs="lazy"``) :meth:`Engine.warmup` compiles one per
   group that serves every case (all slots, the whole cache, sampling: a greedy row decides
-  the same in it), and the first time a smaller program would serve a dispatch it is compiled
-  on a background thread while the universal one runs; ``programs="eager"`` compiles every
-  program in :meth:`Engine.warmup`;
+  the same in it), the greedy programs of short contexts and the common admissions are then
+  compiled on a background thread, and any other program the first time a dispatch would use
+  it; until a program is ready the universal one (or the one-slot prefill and start) serves
+  its cases. ``programs="eager"`` compiles every program in :meth:`Engine.warmup`;
 * ``retire``: a cancelled slot stops at once.
 
 Thread-safety: an :class:`Engine` is driven by one thread (the scheduler's); the background
@@ -178,8 +185,20 @@ class ProgramKey:
     sample: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class AdmitKey:
+    rows: int  # requests admitted together (2, 4, 8, ...)
+    tokens: int  # their prompt bucket (one prefill chunk)
+    sample: bool
+
+
 def _chunk_sizes(limit: int) -> list[int]:
     return [1 << k for k in range(int(math.log2(MIN_CHUNK)), int(math.log2(limit)) + 1)]
+
+
+def _chunk_size(n: int) -> int:
+    """The prefill bucket of ``n`` prompt tokens (generate's prompt bucket: a power of two >= 16)."""
+    return max(MIN_CHUNK, 1 << max(n - 1, 0).bit_length())
 
 
 def _buckets(limit: int, smallest: int = 1, half_steps: bool = False) -> list[int]:
@@ -218,6 +237,7 @@ class Engine:
         self.cache_size = self.max_len + max(self.state_width, config.prefill_chunk)
         self.spans = _buckets(self.cache_size, config.min_span, half_steps=True)
         self.buckets = _buckets(config.slots, half_steps=True)
+        self.admit_sizes = [k for k in _buckets(config.slots) if k >= 2 and k & (k - 1) == 0]  # 2, 4, 8, ...
         self.has_lora = model.lora is not None
         self.runtime = Runtime(config.implementation)
         B = config.slots
@@ -259,40 +279,50 @@ class Engine:
                        for sample in (False, True)}
         self._retire = jax.jit(_retire, donate_argnums=(0,))
         self._group = {g.name: g for g in self.groups}
-        self._programs: dict[ProgramKey, object] = {}  # compiled step programs
+        self._programs: dict[ProgramKey | AdmitKey, object] = {}  # compiled step and admission programs
         self._seconds: dict[ProgramKey, float] = {}  # measured seconds per step of each program
         self.compilations = 0  # step programs compiled (tests and benchmarks read it)
         self.dispatches = 0
         self.steps_run = 0
-        self.dispatched: collections.Counter[ProgramKey] = collections.Counter()  # dispatches per program run
+        self.dispatched: collections.Counter = collections.Counter()  # runs per step / admission program
         self._lock = threading.Lock()
         self._wanted: queue.PriorityQueue = queue.PriorityQueue()  # (priority, order, key)
         self._order = itertools.count()
-        self._queued: dict[ProgramKey, int] = {}  # queued for the compiler, with its priority
+        self._queued: dict[ProgramKey | AdmitKey, int] = {}  # queued for the compiler, with its priority
         self._compiler: threading.Thread | None = None
 
-    def program_keys(self) -> list[ProgramKey]:
-        """Every step program this engine may run."""
+    def program_keys(self) -> list[ProgramKey | AdmitKey]:
+        """Every step and admission program this engine may run."""
         return [ProgramKey(g.name, b, span, sample) for g in self.groups for sample in (False, True)
-                for b in self.buckets for span in self.spans]
+                for b in self.buckets for span in self.spans] + \
+            [AdmitKey(k, size, sample) for sample in (False, True) for k in self.admit_sizes
+             for size in _chunk_sizes(self.config.prefill_chunk)]
 
     def _universal(self, group: str) -> ProgramKey:
         return ProgramKey(group, self.config.slots, self.cache_size, True)
 
-    def _build(self, key: ProgramKey):
-        """Compile the step program ``key`` (ahead of time, from shapes: the state may be donated
-        meanwhile)."""
-        g = self._group[key.group]
-        fn = functools.partial(_group_steps, config=self.model.config, spec=self._spec(g.modes, g.width, key.sample),
-                               span=key.span)
-        args = (*self._shapes, jax.ShapeDtypeStruct((key.rows,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
-        compiled = jax.jit(fn, donate_argnums=(2,)).lower(*args).compile()
+    def _build(self, key):
+        """Compile the step program ``key`` (a :class:`ProgramKey`) or the admission program ``key``
+        (an :class:`AdmitKey`), ahead of time from shapes (the state may be donated meanwhile)."""
+        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+        if isinstance(key, AdmitKey):
+            fn = functools.partial(_admit_rows, config=self.model.config, runtime=self.runtime,
+                                   spec=self._spec(MODES, self.state_width, key.sample))
+            params, _, state = self._shapes
+            rows = jax.tree.map(lambda x: jax.ShapeDtypeStruct((key.rows,) + x.shape[1:], x.dtype), state.rows)
+            args = (params, state, i32(key.rows), i32(key.rows, key.tokens), i32(key.rows), rows)
+            compiled = jax.jit(fn, donate_argnums=(1,)).lower(*args).compile()
+        else:
+            g = self._group[key.group]
+            fn = functools.partial(_group_steps, config=self.model.config,
+                                   spec=self._spec(g.modes, g.width, key.sample), span=key.span)
+            compiled = jax.jit(fn, donate_argnums=(2,)).lower(*self._shapes, i32(key.rows), i32()).compile()
         with self._lock:
             self._programs[key] = compiled
             self.compilations += 1
         return compiled
 
-    def _compile_in_background(self, key: ProgramKey, priority: int = 0) -> None:
+    def _compile_in_background(self, key: ProgramKey | AdmitKey, priority: int = 0) -> None:
         """Queue ``key`` for the compiler thread (``priority`` 0: a dispatch wants it now; 1: ahead
         of need)."""
         with self._lock:
@@ -313,14 +343,14 @@ class Engine:
                 if key not in self._programs:
                     self._build(key)
             except Exception:  # the universal program keeps serving this case
-                log.exception("compiling the step program %s failed", key)
+                log.exception("compiling the program %s failed", key)
             finally:
                 with self._lock:
                     self._queued.pop(key, None)
 
     @property
     def programs_pending(self) -> int:
-        """Step programs queued for the background compiler."""
+        """Programs queued for the background compiler."""
         with self._lock:
             return len(self._queued)
 
@@ -339,8 +369,8 @@ class Engine:
             if exact is not None:
                 return want, exact
             serving = [(k, p) for k, p in self._programs.items()
-                       if k.group == want.group and k.rows >= want.rows and k.span >= want.span
-                       and k.sample >= want.sample]
+                       if isinstance(k, ProgramKey) and k.group == want.group and k.rows >= want.rows
+                       and k.span >= want.span and k.sample >= want.sample]
         if not serving:
             return want, self._build(want)
         self._compile_in_background(want)
@@ -354,6 +384,40 @@ class Engine:
             chunk()
         self.start(slot, settings)
 
+    def admit_many(self, entries: list[tuple[int, list[int], SlotSettings]]) -> None:
+        """Admit several requests ``(slot, prompt, settings)`` whose prompts fit one prefill
+        chunk: those of one prompt bucket (and greedy or not) are prefilled and started together,
+        2, 4, 8, ... at a time, in one program each; what no compiled program takes goes
+        through :meth:`admit` (and the program it wanted is compiled in the background)."""
+        groups: dict[tuple[int, bool], list] = collections.defaultdict(list)
+        for slot, prompt, settings in entries:
+            if len(prompt) > self.config.prefill_chunk:
+                raise ValueError(f"a prompt of {len(prompt)} tokens is more than one prefill chunk")
+            groups[_chunk_size(len(prompt)), settings.samples].append((slot, prompt, settings))
+        for (size, sample), items in groups.items():
+            while items:
+                sizes = [k for k in self.admit_sizes if k <= len(items)]
+                with self._lock:
+                    ready = [k for k in sizes if AdmitKey(k, size, sample) in self._programs]
+                if sizes and (not ready or ready[-1] < sizes[-1]):
+                    self._compile_in_background(AdmitKey(sizes[-1], size, sample))
+                if not ready:
+                    self.admit(*items.pop(0))
+                    continue
+                k = ready[-1]
+                piece, items = items[:k], items[k:]
+                tokens = np.zeros((k, size), np.int32)
+                for i, (_, prompt, _) in enumerate(piece):
+                    tokens[i, :len(prompt)] = prompt
+                rows = jax.tree.map(lambda *xs: np.concatenate(xs), *[self.row_settings(s) for _, _, s in piece])
+                self.state = self._programs[AdmitKey(k, size, sample)](
+                    self.model.params, self.state, np.asarray([slot for slot, _, _ in piece], np.int32), tokens,
+                    np.asarray([len(p) for _, p, _ in piece], np.int32), rows)
+                for slot, prompt, _ in piece:
+                    self._lengths[slot] = len(prompt)
+                self._pending_work = True
+                self.dispatched[AdmitKey(k, size, sample)] += 1
+
     def prefill_chunks(self, slot: int, prompt: list[int]):
         """The prefill of ``slot`` as a list of callables, one per chunk, so that a scheduler can
         interleave them with decode steps of the running rows."""
@@ -362,7 +426,7 @@ class Engine:
         chunks = []
         for begin in range(0, len(prompt), limit):
             part = prompt[begin:begin + limit]
-            size = max(MIN_CHUNK, 1 << max(len(part) - 1, 0).bit_length())
+            size = _chunk_size(len(part))
             tokens = np.zeros((1, size), np.int32)
             tokens[0, :len(part)] = part
             chunks.append(functools.partial(self._run_prefill, slot, tokens, len(part), size, begin == 0))
@@ -450,12 +514,16 @@ class Engine:
 
     def ahead_keys(self) -> list[ProgramKey]:
         """What the background compiler compiles after :meth:`warmup` without waiting to be asked:
-        greedy AR and block programs of every slot bucket for the two shortest spans (the rest,
-        spec_quadratic's among them, when a dispatch first asks for them). An AR or block row
-        never needs more than ``max_len`` positions (the context check counts the block overshoot)."""
+        greedy AR and block programs of every slot bucket for the two shortest spans (an AR or
+        block row never needs more than ``max_len`` positions: the context check counts the block
+        overshoot), and greedy admissions of the three shortest prompt buckets; the rest
+        (spec_quadratic's among them) when first asked for."""
         spans = [s for s in self.spans if s <= self._span_for(self.max_len)][:2]
-        return [ProgramKey(g.name, b, span, False) for span in spans for g in self.groups
-                if g.name != "quad" for b in reversed(self.buckets)]
+        steps = [ProgramKey(g.name, b, span, False) for span in spans for g in self.groups
+                 if g.name != "quad" for b in reversed(self.buckets)]
+        admits = [AdmitKey(k, size, False) for size in _chunk_sizes(self.config.prefill_chunk)[:3]
+                  for k in reversed(self.admit_sizes)]
+        return steps + admits
 
     # ------------------------------------------------------------------ steps
 
@@ -587,21 +655,57 @@ def _scatter(state: DecodeState, idx, sub: DecodeState, span: int, W: int) -> De
 def _prefill_chunk(params, state: DecodeState, slot, tokens, n_valid, *, config, runtime, first: bool):
     """Causal forward of one prompt chunk of ``slot`` after its cached prefix; K/V into its rows."""
     cache = state.cache
-    k_row = lax.dynamic_slice_in_dim(cache.k, slot, 1, axis=1)
-    v_row = lax.dynamic_slice_in_dim(cache.v, slot, 1, axis=1)
-    begin = jnp.where(first, 0, cache.lengths[slot])
     T = tokens.shape[1]
-    # The first chunk attends within itself only (an empty cache view), as generate's prefill does.
-    view = KVCache(k_row[:, :, :0], v_row[:, :, :0], jnp.zeros((1,), jnp.int32)) if first else \
-        KVCache(k_row, v_row, begin[None])
-    hidden, k, v = forward_hidden(params, config, tokens, view, pattern=BlockPattern.causal(1, T), uniform="causal",
-                                  runtime=runtime)
-    row = KVCache(k_row, v_row, begin[None]).write(k, v)
-    cache = KVCache(lax.dynamic_update_slice_in_dim(cache.k, row.k, slot, axis=1),
-                    lax.dynamic_update_slice_in_dim(cache.v, row.v, slot, axis=1),
-                    cache.lengths.at[slot].set(begin + n_valid))
+    if first:
+        # The first chunk attends within itself only (an empty cache view), as generate's prefill
+        # does, and its K/V go straight to the slot's first T positions (no copy of the row).
+        view = KVCache(cache.k[:, :1, :0], cache.v[:, :1, :0], jnp.zeros((1,), jnp.int32))
+        hidden, k, v = forward_hidden(params, config, tokens, view, pattern=BlockPattern.causal(1, T),
+                                      uniform="causal", runtime=runtime)
+        at = (0, slot) + (0,) * (cache.k.ndim - 2)
+        cache = KVCache(lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
+                        lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
+                        cache.lengths.at[slot].set(n_valid))
+    else:
+        k_row = lax.dynamic_slice_in_dim(cache.k, slot, 1, axis=1)
+        v_row = lax.dynamic_slice_in_dim(cache.v, slot, 1, axis=1)
+        begin = cache.lengths[slot]
+        hidden, k, v = forward_hidden(params, config, tokens, KVCache(k_row, v_row, begin[None]),
+                                      pattern=BlockPattern.causal(1, T), uniform="causal", runtime=runtime)
+        row = KVCache(k_row, v_row, begin[None]).write(k, v)
+        cache = KVCache(lax.dynamic_update_slice_in_dim(cache.k, row.k, slot, axis=1),
+                        lax.dynamic_update_slice_in_dim(cache.v, row.v, slot, axis=1),
+                        cache.lengths.at[slot].set(begin + n_valid))
     last = lax.dynamic_slice_in_dim(hidden, n_valid - 1, 1, axis=1)  # [1, 1, D]
     return dataclasses.replace(state, cache=cache), last
+
+
+def _admit_rows(params, state: DecodeState, slots, tokens, n_valid, rows: Rows, *, config, runtime,
+                spec: StepSpec):
+    """The prefill of ``tokens [k, T]`` (one chunk each, as generate's prefill: an empty cache view)
+    into the ``slots [k]``, and their start (settings, first token), in one program."""
+    k, T = tokens.shape
+    cache = state.cache
+    view = KVCache(cache.k[:, :k, :0], cache.v[:, :k, :0], jnp.zeros((k,), jnp.int32))
+    hidden, k_new, v_new = forward_hidden(params, config, tokens, view, pattern=BlockPattern.causal(k, T),
+                                          uniform="causal", runtime=runtime)
+
+    def write(i, kv):  # row i's K/V into the first T positions of its slot, in place
+        at = (0, slots[i]) + (0,) * (cache.k.ndim - 2)
+        return tuple(lax.dynamic_update_slice(full, lax.dynamic_slice_in_dim(new, i, 1, axis=1).astype(full.dtype), at)
+                     for full, new in zip(kv, (k_new, v_new)))
+
+    ck, cv = lax.fori_loop(0, k, write, (cache.k, cache.v))
+    cache = KVCache(ck, cv, cache.lengths.at[slots].set(n_valid))
+    last = jnp.take_along_axis(hidden, (n_valid - 1)[:, None, None], axis=1)  # [k, 1, D]
+    B = state.rows.mode.shape[0]
+    all_rows = jax.tree.map(lambda full, part: full.at[slots].set(part), state.rows, rows)
+    pick = jnp.zeros((B,), bool).at[slots].set(True)
+    hidden_all = jnp.zeros((B,) + last.shape[1:], last.dtype).at[slots].set(last)
+    fresh = Track.empty(B, state.track.out.shape[1], state.track.width)
+    track = jax.tree.map(lambda f, t: jnp.where(pick.reshape((B,) + (1,) * (t.ndim - 1)), f, t), fresh, state.track)
+    track = start(params, config, all_rows, track, hidden_all, spec, start_rows=pick)
+    return DecodeState(cache, all_rows, track)
 
 
 def _start_slot(params, state: DecodeState, slot, last, row: Rows, *, config, spec: StepSpec):

@@ -125,6 +125,7 @@ class Request:
 class _Slot:
     request: Request
     chunks: list  # prefill chunks still to run
+    whole: bool = False  # the prompt is one chunk: admitted with the others of its iteration, in one program
     sent: int = 0  # tokens of the slot's output already handed to the request
 
 
@@ -274,19 +275,30 @@ class Scheduler:
                 self.metrics.finished(request)
                 free.insert(0, slot)
                 continue
-            self._slots[slot] = _Slot(request, chunks)
+            self._slots[slot] = _Slot(request, chunks, whole=len(chunks) == 1)
 
     def _prefill_one_chunk_each(self) -> list[int]:
-        """One prefill chunk of each slot that has some left; the slots whose prefill ended (and
-        that started decoding)."""
-        started = []
+        """One prefill chunk of each slot that has some left (the prompts of one chunk all
+        together, see :meth:`Engine.admit_many`); the slots whose prefill ended (and that started
+        decoding)."""
+        started, whole = [], []
         for slot, s in self._slots.items():
-            if s.chunks:
+            if s.whole and s.chunks:
+                whole.append(slot)
+            elif s.chunks:
                 s.chunks.pop(0)()
                 if not s.chunks:
                     self.engine.start(slot, s.request.settings)
-                    s.request.nfe = 1 if s.request.settings.mode != "diffusion" else 0
                     started.append(slot)
+        if whole:
+            self.engine.admit_many([(slot, self._slots[slot].request.prompt, self._slots[slot].request.settings)
+                                    for slot in whole])
+            for slot in whole:
+                self._slots[slot].chunks.clear()
+            started += whole
+        for slot in started:
+            r = self._slots[slot].request
+            r.nfe = 1 if r.settings.mode != "diffusion" else 0
         return started
 
     def _hand_out(self, live, snap) -> None:
