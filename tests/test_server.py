@@ -102,8 +102,9 @@ def server(tmp_path_factory):
     # Dispatches of about 5 ms (a few steps of this tiny model): a closed stream is cancelled
     # before its request could finish (the default 50 ms would run a whole request in two). The
     # small server runs with the default.
+    # --programs lazy: no compiling ahead of need (the small server runs the default).
     s = Server(tmp_path_factory.mktemp("serve") / "server.log", "--slots", "4", "--max-new-tokens", "64",
-               "--model-name", MODEL, "--dispatch-ms", "5")
+               "--model-name", MODEL, "--dispatch-ms", "5", "--programs", "lazy")
     yield s
     s.stop()
 

@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dispatch-ms", type=float, default=50.0,
                    help="about how long one engine dispatch (several decode steps on the device) runs before "
                         "the host hands out tokens and admits requests (default %(default)s)")
-    p.add_argument("--programs", choices=("lazy", "eager"), default="lazy",
-                   help="lazy (default): compile one universal step program per group at startup, the smaller "
-                        "ones in the background as they are needed; eager: compile them all at startup (slow)")
+    p.add_argument("--programs", choices=("ahead", "lazy", "eager"), default="ahead",
+                   help="ahead (default): compile one universal step program per group at startup, then in the "
+                        "background the common smaller ones and any other when first needed; lazy: only those "
+                        "first needed; eager: all of them at startup (minutes on a CPU)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step")
     p.add_argument("--compile-cache", default=None,
                    help="directory of JAX's persistent compilation cache, so that a restart loads the step programs "

@@ -39,12 +39,13 @@ Programs (each compiled once per engine; all donate the state):
 * ``start``: the slot's settings and its first token (the prompt's last hidden state);
 * ``admit``: the prefill and start of k slots whose prompts fit one chunk of the same size;
 * ``steps``: per group, slot bucket, span and greedy / sampling variant. Compiling them all is
-  many programs, so by default (``programs="lazy"``) :meth:`Engine.warmup` compiles one per
-  group that serves every case (all slots, the whole cache, sampling: a greedy row decides
-  the same in it), the greedy programs of short contexts and the common admissions are then
-  compiled on a background thread, and any other program the first time a dispatch would use
-  it; until a program is ready the universal one (or the one-slot prefill and start) serves
-  its cases. ``programs="eager"`` compiles every program in :meth:`Engine.warmup`;
+  many programs, so :meth:`Engine.warmup` compiles one per group that serves every case (all
+  slots, the whole cache, sampling: a greedy row decides the same in it) and the others are
+  compiled on a background thread: with ``programs="ahead"`` (the default) the greedy programs
+  of short contexts and the common admissions at once, then any other the first time a
+  dispatch would use it; with ``"lazy"`` only those first asked for. Until a program is ready
+  the universal one (or the one-slot prefill and start) serves its cases. ``"eager"`` compiles
+  every program in :meth:`Engine.warmup`;
 * ``retire``: a cancelled slot stops at once.
 
 Thread-safety: an :class:`Engine` is driven by one thread (the scheduler's); the background
@@ -82,7 +83,7 @@ __all__ = ["EngineConfig", "SlotSettings", "Engine", "Snapshot", "GROUPS"]
 log = logging.getLogger("nld_jax.serving")
 
 MIN_CHUNK = 16
-PROGRAM_POLICIES = ("lazy", "eager")
+PROGRAM_POLICIES = ("ahead", "lazy", "eager")
 DEFAULT_QUAD_BLOCK = 8  # spec_quadratic's forward is C * (C + 1) tokens a row: 72 at C = 8, 1056 at C = 32
 # The step groups: the modes a program steps together (rows of one forward width).
 GROUPS = {"ar": ("ar",), "block": ("diffusion", "spec"), "quad": ("spec_quadratic",)}
@@ -98,7 +99,8 @@ class EngineConfig:
     and ``spec`` (default the checkpoint's ``block_size``). ``quad_block``: the widest
     ``block_length`` of ``spec_quadratic`` (default ``min(block_width, 8)``; 0 serves no
     ``spec_quadratic``). ``dispatch_seconds``: about how long one dispatch runs (it runs
-    up to ``max_steps`` steps). ``programs``: ``"lazy"`` or ``"eager"`` (see the module docstring).
+    up to ``max_steps`` steps). ``programs``: ``"ahead"``, ``"lazy"`` or ``"eager"`` (see the
+    module docstring).
     ``min_span``: the shortest cache span a program reads (then 1.5 and 2 times that, ... up to
     the cache).
     """
@@ -113,7 +115,7 @@ class EngineConfig:
     implementation: str = "auto"
     dispatch_seconds: float = 0.05
     max_steps: int = 64
-    programs: str = "lazy"
+    programs: str = "ahead"
     min_span: int = 128
 
     def __post_init__(self):
@@ -507,7 +509,7 @@ class Engine:
         for key in self.program_keys() if self.config.programs == "eager" else universal:
             if key not in self._programs:
                 self._build(key)
-        if self.config.programs == "lazy":  # the greedy programs of short contexts, compiled while serving
+        if self.config.programs == "ahead":  # the greedy programs of short contexts, compiled while serving
             for key in self.ahead_keys():
                 self._compile_in_background(key, priority=1)
         self.snapshot()
