@@ -66,29 +66,16 @@ def progress(message: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def held_out_prompts(model, n: int, prompt_len: int = 64, reserve: int = 128) -> list[list[int]]:
-    """The prompts of ``examples/train_tiny.py --evaluate`` (same files, order and random starts:
-    the first ``n`` of its 24), BOS + 63 bytes from a held-out stdlib file."""
+    """The prompts of ``examples/train_tiny.py --evaluate`` (its own picking function: the first
+    ``n`` of its 24), BOS + 63 bytes from a held-out stdlib file."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+    import train_tiny  # the one implementation of the held-out prompts
+
     with open(os.path.join(DEFAULT_CHECKPOINT, "held_out_files.json")) as f:
         names = json.load(f)["files"]
     root = sysconfig.get_paths()["stdlib"]
-    tok = model.tokenizer
-    rng = np.random.default_rng(0)
-    prompts = []
-    for name in names:
-        try:
-            with open(os.path.join(root, name), encoding="utf-8") as f:
-                text = f.read()
-        except (UnicodeDecodeError, OSError):
-            continue
-        if not text:
-            continue
-        ids = tok.encode(text)
-        if len(ids) < prompt_len + reserve + 8:
-            continue
-        start = int(rng.integers(1, len(ids) - prompt_len - reserve))
-        prompts.append([tok.bos_id] + ids[start:start + prompt_len - 1])
-        if len(prompts) == n:
-            break
+    prompts, _ = train_tiny.held_out_prompts(model.tokenizer, [os.path.join(root, name) for name in names],
+                                             prompt_len, reserve, n)
     if not prompts:
         raise SystemExit(f"none of the held-out files is under {root}")
     return prompts
@@ -184,7 +171,7 @@ def equals_ar(tally: Tally, ar: Tally) -> bool:
 def print_table(title: str, tallies: dict, config: NLDConfig, S: int) -> list[tuple[int, bool, float, float]]:
     ar = tallies[("ar", 1, False)]
     print(f"\n{title}")
-    print(f"| mode | k | LoRA | TPF | tokens / iteration | tokens/s | x AR | ms / forward | == AR |")
+    print("| mode | k | LoRA | TPF | tokens / iteration | tokens/s | x AR | ms / forward | == AR |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for (mode, k, lora), t in tallies.items():

@@ -25,8 +25,9 @@ def parse_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nld-convert",
-        description="Convert an NVIDIA Nemotron-Labs-Diffusion checkpoint (HF safetensors) into an Orbax "
-                    "checkpoint that nld_jax.load reads, or back with --reverse.")
+        description="Convert an NVIDIA Nemotron-Labs-Diffusion checkpoint (HF safetensors; text or vision-language, "
+                    "NVIDIA's or transformers' Mistral3 tensor names) into an Orbax checkpoint that nld_jax.load "
+                    "reads, or back with --reverse (NVIDIA's names).")
     p.add_argument("src", metavar="SRC",
                    help="the checkpoint directory to convert, the one with config.json (what nld-generate "
                         "--checkpoint takes): NVIDIA's HF safetensors format, or with --reverse a converted one")

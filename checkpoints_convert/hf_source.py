@@ -32,12 +32,15 @@ from nld_jax.checkpoint.files import CheckpointFiles
 from nld_jax.checkpoint.hf import (ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_INDEX, INDEX_FILE, LORA_DIR,
                                    PICKLE_SUFFIXES, CheckpointError, HFCheckpoint,
                                    parse_adapter_config)
+from nld_jax.checkpoint.directory import load_configs
 from nld_jax.checkpoint.safetensors_io import SafetensorsFile
-from nld_jax.config import ConfigError, NLDConfig, config_from_hf
+from nld_jax.config import NLDConfig
+from nld_jax.vision.config import VisionConfig
+from nld_jax.vision.params import VISION_PREFIXES
 
 from checkpoints_convert.key_map import KeyMap
 
-__all__ = ["TensorFiles", "LoraSource", "HFSource", "open_hf_source", "read_config", "refuse_non_directory",
+__all__ = ["TensorFiles", "LoraSource", "HFSource", "open_hf_source", "read_configs", "refuse_non_directory",
            "side_files", "copy_side_files"]
 
 CONFIG_FILE = "config.json"
@@ -55,10 +58,13 @@ class TensorFiles:
         self.index_file = index_file if files.exists(index_file) else None
         self.names = [os.path.basename(path) for path in ckpt.files()]  # plain names: the rule refuses others
         self._file: dict[str, SafetensorsFile] = {}
+        self._stored: dict[str, str] = {}  # NVIDIA's name -> the file's (transformers' layouts differ)
+        self.layout = ckpt.layout
         self.order: list[str] = []  # file by file, in data-offset order: reads stay sequential
         for st in ckpt.shards():
-            for key in st.keys_in_file_order():
-                self._file[key] = st
+            for stored in st.keys_in_file_order():
+                key = ckpt.canonical_name(stored)
+                self._file[key], self._stored[key] = st, stored
                 self.order.append(key)
         self.paths = ckpt.files()
         stray = sorted(n for n in files.listdir() if n.endswith(".safetensors")
@@ -69,13 +75,13 @@ class TensorFiles:
         return list(self.order)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._file[key].shape(key)
+        return self._file[key].shape(self._stored[key])
 
     def dtype(self, key: str) -> np.dtype:
-        return self._file[key].dtype(key)
+        return self._file[key].dtype(self._stored[key])
 
     def nbytes(self, key: str) -> int:
-        return self._file[key].nbytes(key)
+        return self._file[key].nbytes(self._stored[key])
 
     def file_of(self, key: str) -> str:
         return os.path.basename(self._file[key].path)
@@ -90,7 +96,7 @@ class TensorFiles:
         """The tensor as a read-only memory-mapped array, valid inside the ``with`` only."""
         st = self._file[key]
         try:
-            yield st.get(key)
+            yield st.get(self._stored[key])
         finally:
             # Drop the file mapping: pages of a mapped file count as resident memory for as
             # long as the mapping lives, so a long-lived map would grow to the whole shard.
@@ -119,6 +125,8 @@ class HFSource:
     key_map: KeyMap
     lora: LoraSource | None
     side_files: list[str]  # names of top-level files to carry along (config, tokenizer, code)
+    vision_config: VisionConfig | None = None  # a VLM's tower and projector, else None
+    vision_key_map: KeyMap | None = None  # their tensors (encoder.vision_tower.*, ...) -> the vision item
 
     @property
     def directory(self) -> str:
@@ -191,15 +199,20 @@ def _open_lora(files: CheckpointFiles, config: NLDConfig) -> LoraSource | None:
     return LoraSource(lora, adapter_config, rank, alpha, tensors, key_map)
 
 
-def read_config(files: CheckpointFiles) -> NLDConfig:
-    """``config.json`` of ``files``, read under the rule; errors name the file."""
+def read_configs(files: CheckpointFiles) -> tuple[NLDConfig, VisionConfig | None]:
+    """``config.json`` of ``files``, read under the rule: the text model's config and a VLM's
+    vision config (None for a text model); errors name the file."""
     if not files.exists(CONFIG_FILE):
         raise CheckpointError(f"{files.directory} has no {CONFIG_FILE}")
-    config_json = files.read_json_object(CONFIG_FILE, ConfigError)
-    try:
-        return config_from_hf(config_json)  # refuses unknown architecture-changing fields
-    except ConfigError as e:
-        raise ConfigError(f"{files.shown(CONFIG_FILE)}: {e}") from None
+    return load_configs(files)  # refuses unknown architecture-changing fields, naming the file
+
+
+def split_vision_keys(keys: list[str], vision: bool) -> tuple[list[str], list[str]]:
+    """``(text keys, vision keys)`` of a source; for a text model every key is the text model's
+    (a vision tensor there is then an unknown tensor, as any other)."""
+    if not vision:
+        return list(keys), []
+    return [k for k in keys if not k.startswith(VISION_PREFIXES)], [k for k in keys if k.startswith(VISION_PREFIXES)]
 
 
 def open_hf_source(directory: str, with_lora: bool = True) -> HFSource:
@@ -207,9 +220,14 @@ def open_hf_source(directory: str, with_lora: bool = True) -> HFSource:
     directory = os.path.abspath(os.fspath(directory))
     refuse_non_directory(directory)
     files = CheckpointFiles(directory)
-    config = read_config(files)
+    config, vision_config = read_configs(files)
     tensors = TensorFiles(files, "model.safetensors", INDEX_FILE)
+    text_keys, vision_keys = split_vision_keys(tensors.keys(), vision_config is not None)
     key_map = KeyMap.for_params(config)
-    key_map.check_source(tensors.keys(), tensors.shape, tensors.dtype, directory)
+    key_map.check_source(text_keys, tensors.shape, tensors.dtype, directory)
+    vision_key_map = None
+    if vision_config is not None:
+        vision_key_map = KeyMap.for_vision(vision_config)
+        vision_key_map.check_source(vision_keys, tensors.shape, tensors.dtype, directory)
     lora = _open_lora(files, config) if with_lora else None
-    return HFSource(files, config, tensors, key_map, lora, side_files(files))
+    return HFSource(files, config, tensors, key_map, lora, side_files(files), vision_config, vision_key_map)

@@ -16,9 +16,11 @@ import numpy as np
 
 from nld_jax.checkpoint.hf import FLOAT_DTYPES, CheckpointError, check_layer_count, check_tensor_set, key_listing
 from nld_jax import quant
-from nld_jax.checkpoint.orbax import LORA_ITEM, PARAMS_ITEM, check_item, quantized_item_shapes
+from nld_jax.checkpoint.orbax import LORA_ITEM, PARAMS_ITEM, VISION_ITEM, check_item, quantized_item_shapes
 from nld_jax.config import NLDConfig
 from nld_jax.params import ParamSpec, lora_specs, param_specs
+from nld_jax.vision.config import VisionConfig
+from nld_jax.vision.params import vision_specs
 
 __all__ = ["TensorRoute", "LeafSpec", "KeyMap", "Ledger", "FLOAT_DTYPES"]
 
@@ -56,7 +58,7 @@ class LeafSpec:
 
 
 class KeyMap:
-    """Routes for one item ("params" or "lora"), in the model's canonical order.
+    """Routes for one item ("params", "lora" or a VLM's "vision"), in the model's canonical order.
 
     The routes (one per HF tensor: layers x leaves) are built on first use, after
     :meth:`check_source` has compared the layers config.json claims with those the source
@@ -106,6 +108,11 @@ class KeyMap:
     @classmethod
     def for_lora(cls, config: NLDConfig, rank: int) -> "KeyMap":
         return cls(LORA_ITEM, lora_specs(config, rank), config.L)
+
+    @classmethod
+    def for_vision(cls, config: VisionConfig) -> "KeyMap":
+        """A VLM's Pixtral tower and Mistral3 projector (never quantized)."""
+        return cls(VISION_ITEM, vision_specs(config), config.Lv)
 
     def routes_of(self, leaf: str) -> list[TensorRoute]:
         return [r for r in self.routes if r.leaf == leaf]

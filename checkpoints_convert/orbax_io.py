@@ -26,10 +26,11 @@ import tensorstore as ts
 from nld_jax.checkpoint.files import CheckpointFiles
 from nld_jax.checkpoint.hf import CheckpointError
 from nld_jax import quant
-from nld_jax.checkpoint.orbax import (COMMIT_FILE, LORA_ITEM, METADATA_FILE, PARAMS_ITEM, PYTREE_HANDLER,
+from nld_jax.checkpoint.orbax import (COMMIT_FILE, LORA_ITEM, METADATA_FILE, PARAMS_ITEM, PYTREE_HANDLER, VISION_ITEM,
                                       PYTREE_METADATA, STEP_METADATA, is_converted_dir, quantization_metadata,
                                       read_metadata, tensorstore_context)
 from nld_jax.config import config_to_hf
+from nld_jax.vision.config import vision_config_to_hf
 from nld_jax.loading import NLDModel
 from nld_jax.params import flatten_tree
 
@@ -227,10 +228,21 @@ def save_orbax(model: NLDModel, path, *, overwrite: bool = False, config_json: d
             items.append(LORA_ITEM)
             rank = int(lora["A"].shape[-1])
             lora_meta = {"rank": rank, "alpha": float(lora["scale"]) * rank, "adapter_config": adapter_config}
+        if model.vision is not None:  # a VLM: its tower and projector, as nld-convert writes them
+            vision_map = KeyMap.for_vision(model.vision_config)
+            vision = flatten_tree(model.vision)
+            vision_map.check_stored({k: tuple(v.shape) for k, v in vision.items()},
+                                    {k: np.dtype(v.dtype) for k, v in vision.items()}, "model.vision")
+            dtypes[VISION_ITEM] = _write_tree(os.path.join(tmp, VISION_ITEM), vision,
+                                              {leaf: spec.stacked for leaf, spec in vision_map.leaves.items()})
+            items.append(VISION_ITEM)
         has_source = bool(model.path) and os.path.isdir(model.path)
         copied = copy_side_files(CheckpointFiles(model.path), tmp) if has_source else []
         if config_json is not None or "config.json" not in copied:
-            write_json(os.path.join(tmp, "config.json"), config_json or config_to_hf(model.config))
+            built = config_to_hf(model.config)
+            if model.vision_config is not None:
+                built.update(vision_config_to_hf(model.vision_config))
+            write_json(os.path.join(tmp, "config.json"), config_json or built)
             copied = sorted(set(copied) | {"config.json"})
         write_json(os.path.join(tmp, METADATA_FILE), build_metadata(
             source={"kind": "in-memory", "path": model.path}, dtypes=dtypes, lora=lora_meta, hf_layout=layout,

@@ -4,7 +4,9 @@ Keys are NVIDIA's exact names (from the same key map as the forward direction). 
 files follow the source's recorded layout when there is one, so HF -> Orbax -> HF reproduces
 the original files' tensors byte for byte; otherwise shards of ``max_shard_bytes`` with
 Hugging Face's names. An index is always written. The draft LoRA goes back to
-``linear_spec_lora/`` in PEFT's format.
+``linear_spec_lora/`` in PEFT's format; a VLM's ``vision`` item goes back into the same shards
+under NVIDIA's names (``encoder.vision_tower.*``, ``encoder.multi_modal_projector.*``), whatever
+names the original used.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import tensorstore as ts
 from nld_jax.checkpoint.files import CheckpointFiles
 from nld_jax.checkpoint.hf import ADAPTER_CONFIG, ADAPTER_FILE, LORA_DIR, CheckpointError
 from nld_jax.checkpoint.hf_write import peft_adapter_config, write_index
-from nld_jax.checkpoint.orbax import (LORA_ITEM, METADATA_FILE, PARAMS_ITEM, open_item, quantization_of_metadata,
-                                      read_metadata, stored_shapes)
+from nld_jax.checkpoint.orbax import (LORA_ITEM, METADATA_FILE, PARAMS_ITEM, VISION_ITEM, open_item,
+                                      quantization_of_metadata, read_metadata, stored_shapes)
 from nld_jax.config import NLDConfig
+from nld_jax.vision.config import VisionConfig
 
 from checkpoints_convert.atomic_output import (atomic_output_dir, check_destination, check_not_overlapping,
                                                remove_leftovers, terminate_as_exit)
-from checkpoints_convert.hf_source import copy_side_files, read_config, refuse_non_directory
+from checkpoints_convert.hf_source import copy_side_files, read_configs, refuse_non_directory
 from checkpoints_convert.key_map import KeyMap, Ledger, TensorRoute
 from checkpoints_convert.safetensors_stream import BufferPool, SafetensorsStreamWriter, plan_shards
 from checkpoints_convert.streaming import FiniteCheck, NonFiniteError, chunk_blocks, copy_blocked, slowest_axis
@@ -171,7 +174,7 @@ def _torch_dtype_name(dtypes) -> str | None:
     return names.pop() if len(names) == 1 else None
 
 
-def _open_converted(src: str) -> tuple[CheckpointFiles, dict, NLDConfig]:
+def _open_converted(src: str) -> tuple[CheckpointFiles, dict, NLDConfig, VisionConfig | None]:
     """The files, metadata and config of a converted checkpoint, every file read under the
     library's rule (:class:`CheckpointFiles`); the zarr arrays, which tensorstore opens itself,
     are checked file by file (:meth:`CheckpointFiles.check_tree`) before they are opened."""
@@ -187,9 +190,9 @@ def _open_converted(src: str) -> tuple[CheckpointFiles, dict, NLDConfig]:
         raise CheckpointError(f"{src} is quantized ({stored}); --reverse writes NVIDIA's unquantized layout and "
                               "would have to dequantize it, which is lossy. Reverse the unquantized checkpoint it "
                               "was made from (or keep NVIDIA's original safetensors)")
-    config = read_config(files)
+    config, vision_config = read_configs(files)
     files.check_tree(PARAMS_ITEM)
-    return files, meta, config
+    return files, meta, config, vision_config
 
 
 def convert_orbax_to_hf(src, dst, *, dtype=None, lora: bool = True, overwrite: bool = False,
@@ -206,10 +209,23 @@ def convert_orbax_to_hf(src, dst, *, dtype=None, lora: bool = True, overwrite: b
     src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
     remove_leftovers(dst)
     check_destination(dst, overwrite)
-    files, meta, config = _open_converted(src)
+    files, meta, config, vision_config = _open_converted(src)
     key_map = KeyMap.for_params(config)
     leaves = open_item(os.path.join(src, PARAMS_ITEM))
     key_map.check_stored(*stored_shapes(leaves), os.path.join(src, PARAMS_ITEM))
+    routes = {r.hf_key: r for r in key_map.routes}
+    key_maps = [key_map]
+    if vision_config is not None:  # a VLM: the tower and projector go into the same shards
+        if not files.is_dir(VISION_ITEM):
+            raise CheckpointError(f"{src}: config.json describes a vision-language model but there is no "
+                                  f"{VISION_ITEM}/ item (the vision tower's weights)")
+        files.check_tree(VISION_ITEM)
+        vision_map = KeyMap.for_vision(vision_config)
+        vision_leaves = open_item(os.path.join(src, VISION_ITEM))
+        vision_map.check_stored(*stored_shapes(vision_leaves), os.path.join(src, VISION_ITEM))
+        leaves = {**leaves, **vision_leaves}  # leaf names differ: tower.* / projector.* vs the text model's
+        routes.update({r.hf_key: r for r in vision_map.routes})
+        key_maps.append(vision_map)
     lora_map = lora_leaves = None
     if lora and files.exists(LORA_ITEM):
         files.check_tree(LORA_ITEM)
@@ -221,7 +237,6 @@ def convert_orbax_to_hf(src, dst, *, dtype=None, lora: bool = True, overwrite: b
         lora_map.check_stored(shapes, dtypes, os.path.join(src, LORA_ITEM), extra_ok={"scale": ()})
     check_not_overlapping(src, dst)
 
-    routes = {r.hf_key: r for r in key_map.routes}
     out_dtypes = {k: requested if requested is not None else np.dtype(leaves[r.leaf].dtype.numpy_dtype)
                   for k, r in routes.items()}
     sizes = {k: int(np.prod(r.hf_shape)) * out_dtypes[k].itemsize for k, r in routes.items()}
@@ -233,7 +248,7 @@ def convert_orbax_to_hf(src, dst, *, dtype=None, lora: bool = True, overwrite: b
         lora_sizes = {k: int(np.prod(r.hf_shape)) * lora_dtypes[k].itemsize for k, r in lora_routes.items()}
         total += sum(lora_sizes.values())
 
-    ledger = Ledger([key_map] + ([lora_map] if lora_map else []))
+    ledger = Ledger(key_maps + ([lora_map] if lora_map else []))
     with terminate_as_exit(), atomic_output_dir(dst, overwrite) as tmp:
         with _progress_bar(total, progress, "nld-convert --reverse") as bar:
             _write_files(tmp, plan, routes, leaves, out_dtypes, ledger, bar, src, check_finite)

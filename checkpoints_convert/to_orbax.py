@@ -1,5 +1,9 @@
 """NVIDIA HF safetensors -> converted Orbax checkpoint, one tensor (one slab) at a time.
 
+A vision-language checkpoint's tower and projector (``encoder.vision_tower.*``,
+``encoder.multi_modal_projector.*``, or transformers' Mistral3 names) go to a third item,
+``vision/``, in the same pass over the files; ``--quantize`` leaves them in float.
+
 Order of work: remove what killed runs left beside the destination, validate everything that
 can be validated from headers and config (nothing is written before that), then stream each
 source tensor, in file order, into its slot of the Orbax arrays (each chunk checked for NaN and
@@ -25,7 +29,7 @@ import numpy as np
 
 from nld_jax import quant
 from nld_jax.checkpoint.hf import CheckpointError, LORA_DIR
-from nld_jax.checkpoint.orbax import (LORA_ITEM, METADATA_FILE, PARAMS_ITEM, is_converted_dir,
+from nld_jax.checkpoint.orbax import (LORA_ITEM, METADATA_FILE, PARAMS_ITEM, VISION_ITEM, is_converted_dir,
                                       quantization_metadata, quantization_of_metadata, read_metadata)
 from nld_jax.loading import resolve_dtype
 
@@ -121,6 +125,8 @@ def _convert_item(item_dir: str, tensors: TensorFiles, key_map: KeyMap, requeste
     pending = PendingWrites()
     try:
         for key in tensors.order:  # file order: the source is read sequentially
+            if key not in key_map.by_key:  # another item's (a VLM's text and vision share the files)
+                continue
             route = key_map.by_key[key]
             ledger.use(key)
             with tensors.read(key) as hf:
@@ -187,7 +193,8 @@ def convert_hf_to_orbax(src, dst, *, dtype=None, lora: bool = True, overwrite: b
     _refuse_converted_source(src, quantize)
     source = open_hf_source(src, with_lora=lora)  # every check that needs no data, before any write
     check_not_overlapping(src, dst)
-    key_maps = [source.key_map] + ([source.lora.key_map] if source.lora else [])
+    key_maps = [source.key_map] + ([source.vision_key_map] if source.vision_key_map else []) \
+        + ([source.lora.key_map] if source.lora else [])
     total = sum(source.tensors.nbytes(k) for k in source.tensors.order)
     if source.lora:
         total += sum(source.lora.tensors.nbytes(k) for k in source.lora.tensors.order)
@@ -199,6 +206,10 @@ def convert_hf_to_orbax(src, dst, *, dtype=None, lora: bool = True, overwrite: b
             dtypes = {PARAMS_ITEM: _convert_item(os.path.join(tmp, PARAMS_ITEM), source.tensors, source.key_map,
                                                  requested, ledger, bar, chunk_bytes, check_finite=check_finite,
                                                  scheme=scheme)}
+            if source.vision_key_map is not None:  # a VLM: the tower and projector, never quantized
+                dtypes[VISION_ITEM] = _convert_item(os.path.join(tmp, VISION_ITEM), source.tensors,
+                                                    source.vision_key_map, requested, ledger, bar, chunk_bytes,
+                                                    check_finite=check_finite)
             lora_meta = None
             if source.lora is not None:
                 scale = np.asarray(source.lora.alpha / source.lora.rank, np.float32)

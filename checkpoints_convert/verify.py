@@ -3,7 +3,9 @@
 Each checkpoint is loaded in the dtype it is stored in (that is what a user of it gets): with
 the same dtype on both sides the logits must be identical, bit for bit; after a dtype change
 the report shows what the change costs (largest logit difference and mean KL divergence).
-The draft LoRA, when both sides have it, is checked the same way on diffusion-mode logits.
+The draft LoRA, when both sides have it, is checked the same way on diffusion-mode logits; a
+vision-language checkpoint's tower and projector on the features of a fixed image and the
+logits of a prompt holding it.
 
 A quantized result is compared with the source quantized on load (``nld_jax.load(source,
 quantize=...)``), which must give the same logits bit for bit; what the quantization itself costs
@@ -31,6 +33,8 @@ class VerifyReport:
     kl: float
     lora_max_abs_diff: float | None = None
     lora_kl: float | None = None
+    vision_max_abs_diff: float | None = None  # a VLM: image features (tower + projector) and logits, with an image
+    vision_kl: float | None = None
     quantized: str | None = None  # the scheme: then the reference is the source quantized on load
     unquantized_max_abs_diff: float | None = None  # the quantized result against the source as stored
     unquantized_kl: float | None = None
@@ -49,6 +53,9 @@ class VerifyReport:
                     f"{self.max_abs_diff:.3g}, KL {self.kl:.3g}")
         if self.lora_max_abs_diff is not None:
             text += f"; draft LoRA logits: max |diff| {self.lora_max_abs_diff:.3g}, KL {self.lora_kl:.3g}"
+        if self.vision_max_abs_diff is not None:
+            text += (f"; with an image: max |feature or logit diff| {self.vision_max_abs_diff:.3g}, KL "
+                     f"{self.vision_kl:.3g}")
         return text
 
 
@@ -71,14 +78,45 @@ def fixed_prompt(vocab_size: int, length: int = 16, batch: int = 2) -> np.ndarra
     return np.random.default_rng(20260501).integers(0, vocab_size, size=(batch, length), dtype=np.int32)
 
 
+def fixed_image(config) -> np.ndarray:
+    """The same small RGB image (uint8, two by three image tokens) on every run."""
+    side = config.merged_patch
+    return np.random.default_rng(20260502).integers(0, 256, size=(2 * side, 3 * side, 3), dtype=np.uint8)
+
+
+def _vision_diff(ref, out, tokens: np.ndarray) -> tuple[float, float]:
+    """``(max |diff| of the image features and of the logits, KL of the logits)`` of a VLM on
+    ``fixed_image``, placed in front of the text of ``tokens``' first row (image token ids left out)."""
+    import nld_jax
+    from nld_jax.vision.features import vision_tokens
+    from nld_jax.vision.preprocess import preprocess_image
+    from nld_jax.vision.prompts import multimodal_prompts
+
+    vc = ref.vision_config
+    image = fixed_image(vc)
+    pixels = preprocess_image(image, vc)
+    features = [vision_tokens(m.vision, m.vision_config, [pixels])[0] for m in (ref, out)]
+    feature_diff = float(np.abs(features[0] - features[1]).max())
+    special = {vc.image_token_id, vc.image_break_token_id, vc.image_end_token_id}
+    text = [int(t) for t in tokens[0] if int(t) not in special][:8]
+    placed, _ = multimodal_prompts(ref.vision, vc, ref.params, [text], [[image]], None,
+                                   ref.config.max_position_embeddings)
+    logit_diff, kl = _compare(nld_jax.forward(ref, placed, images=[[image]]),
+                              nld_jax.forward(out, placed, images=[[image]]))
+    return max(feature_diff, logit_diff), kl
+
+
 def verify_conversion(source: str, converted: str) -> VerifyReport:
     import nld_jax
+    from nld_jax.checkpoint.directory import load_configs
     from nld_jax.loading import stored_dtype
 
     src_dtype, out_dtype = stored_dtype(source), stored_dtype(converted)
-    out = nld_jax.load(converted, dtype=out_dtype, load_tokenizer_files=False)
+    # A VLM may name its image tokens only in its tokenizer, which the features need.
+    vlm = load_configs(converted)[1] is not None
+    out = nld_jax.load(converted, dtype=out_dtype, load_tokenizer_files=vlm)
     scheme = None if out.quantization is None else out.quantization.scheme
-    ref = nld_jax.load(source, dtype=out_dtype if scheme else src_dtype, load_tokenizer_files=False, quantize=scheme)
+    ref = nld_jax.load(source, dtype=out_dtype if scheme else src_dtype, load_tokenizer_files=vlm, quantize=scheme)
     if ref.config != out.config:
         raise VerificationError(f"configs differ: {ref.config} vs {out.config}")
     tokens = fixed_prompt(ref.config.vocab_size, min(16, ref.config.max_position_embeddings))
@@ -94,7 +132,13 @@ def verify_conversion(source: str, converted: str) -> VerifyReport:
         half = tokens.shape[1] // 2
         lora_diff, lora_kl = _compare(nld_jax.block_logits(ref, tokens[:, :half], tokens[:, half:], use_lora=True),
                                       nld_jax.block_logits(out, tokens[:, :half], tokens[:, half:], use_lora=True))
-    report = VerifyReport(src_dtype, out_dtype, max_diff, kl, lora_diff, lora_kl, scheme, plain_diff, plain_kl)
-    if report.same_dtype and (max_diff != 0.0 or (lora_diff or 0.0) != 0.0):
+    if (ref.vision is None) != (out.vision is None):
+        raise VerificationError("the vision tower is on one side only")
+    vision_diff = vision_kl = None
+    if ref.vision is not None:
+        vision_diff, vision_kl = _vision_diff(ref, out, tokens)
+    report = VerifyReport(src_dtype, out_dtype, max_diff, kl, lora_diff, lora_kl, vision_diff, vision_kl, scheme,
+                          plain_diff, plain_kl)
+    if report.same_dtype and (max_diff != 0.0 or (lora_diff or 0.0) != 0.0 or (vision_diff or 0.0) != 0.0):
         raise VerificationError(f"logits differ at the same dtype ({report.summary()})")
     return report

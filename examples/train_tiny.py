@@ -109,24 +109,33 @@ def calibrated_steps(step_fn, state, frozen, it, block_lengths, budget_s: float)
     return max(int((budget_s - compile_s) / per_step), 10), state
 
 
-def evaluate(model_dir: str, held_out: list[str], prompt_len: int, new_tokens: int, n_prompts: int) -> dict:
-    """Held-out perplexity, TPF and tokens/s per mode, and greedy spec == greedy AR."""
-    model = nld_jax.load(model_dir)
-    tok = model.tokenizer
+def held_out_prompts(tok, paths: list[str], prompt_len: int, reserve: int, n: int):
+    """The evaluation prompts, ``(prompts, their files' ids)``: from each file of ``paths`` in
+    order that holds ``prompt_len + reserve + 8`` tokens, BOS + ``prompt_len - 1`` tokens from a
+    random start (one generator, seed 0, for all files), until there are ``n``. The report and
+    ``benchmarks/spec_quadratic_bench.py`` both use it, so they measure the same prompts."""
     rng = np.random.default_rng(0)
-    prompts, ppl_rows = [], []
-    for path in held_out:
+    prompts, whole = [], []
+    for path in paths:
         text = read(path)
         if not text:
             continue
         ids = tok.encode(text)
-        if len(ids) < prompt_len + new_tokens + 8:
+        if len(ids) < prompt_len + reserve + 8:
             continue
-        start = int(rng.integers(1, len(ids) - prompt_len - new_tokens))
+        start = int(rng.integers(1, len(ids) - prompt_len - reserve))
         prompts.append([tok.bos_id] + ids[start:start + prompt_len - 1])
-        ppl_rows.append(ids[:min(len(ids), model.config.max_position_embeddings)])
-        if len(prompts) == n_prompts:
+        whole.append(ids)
+        if len(prompts) == n:
             break
+    return prompts, whole
+
+
+def evaluate(model_dir: str, held_out: list[str], prompt_len: int, new_tokens: int, n_prompts: int) -> dict:
+    """Held-out perplexity, TPF and tokens/s per mode, and greedy spec == greedy AR."""
+    model = nld_jax.load(model_dir)
+    prompts, whole = held_out_prompts(model.tokenizer, held_out, prompt_len, new_tokens, n_prompts)
+    ppl_rows = [ids[:min(len(ids), model.config.max_position_embeddings)] for ids in whole]
     # held-out AR perplexity over whole-file prefixes (one forward each)
     nll, count = 0.0, 0
     for ids in ppl_rows:
@@ -144,7 +153,18 @@ def evaluate(model_dir: str, held_out: list[str], prompt_len: int, new_tokens: i
         "spec_b32_lora": dict(mode="spec", block_length=32, use_lora=True),
         "spec_b8": dict(mode="spec", block_length=8),
     }
-    outputs = {}
+    _, speed = measure_modes(model, prompts, settings, new_tokens)
+    report.update(speed)
+    return report
+
+
+def measure_modes(model, prompts: list[list[int]], settings: dict[str, dict], new_tokens: int):
+    """Greedy generation of every prompt (batch 1, as the speed goals are stated) in every setting.
+
+    Returns ``(outputs, report)``: the generated token lists per setting, and per setting its TPF,
+    tokens/s, tokens and forwards, plus ``<spec setting>_equals_ar`` for every spec setting.
+    """
+    outputs, report = {}, {}
     for name, kw in settings.items():
         if kw.get("use_lora") and model.lora is None:
             continue
@@ -152,7 +172,7 @@ def evaluate(model_dir: str, held_out: list[str], prompt_len: int, new_tokens: i
         tokens = nfe = 0
         seconds = 0.0
         rows = []
-        for p in prompts:  # batch 1, as the speed goals are stated
+        for p in prompts:
             out = nld_jax.generate(model, [p], max_new_tokens=new_tokens, **kw)
             tokens += len(out.tokens[0])
             nfe += out.nfe[0]
@@ -160,17 +180,20 @@ def evaluate(model_dir: str, held_out: list[str], prompt_len: int, new_tokens: i
             rows.append(out.tokens[0])
         outputs[name] = rows
         report[name] = {"tpf": tokens / nfe, "tokens_per_second": tokens / seconds, "tokens": tokens, "nfe": nfe}
-        print(f"  {name:<20} TPF {tokens / nfe:5.2f}   {tokens / seconds:7.1f} tokens/s", flush=True)
-    for name in ("spec_b32", "spec_b32_lora", "spec_b8"):
-        if name in outputs:
-            same = all(s[:len(a)] == a[:len(s)] for s, a in zip(outputs[name], outputs["ar"]))
-            report[f"{name}_equals_ar"] = same
-    return report
+        print(f"  {name:<24} TPF {tokens / nfe:5.2f}   {tokens / seconds:7.1f} tokens/s", flush=True)
+    for name, kw in settings.items():
+        if name in outputs and kw["mode"].startswith("spec") and "ar" in outputs:
+            report[f"{name}_equals_ar"] = all(s[:len(a)] == a[:len(s)] for s, a in zip(outputs[name], outputs["ar"]))
+    return outputs, report
 
 
-def train_base(args, config: NLDConfig, rows: np.ndarray, block_lengths: tuple[int, ...], work: str):
-    """NVIDIA's joint AR + diffusion pretraining from scratch; resumes from ``work/base_ckpt``."""
-    params = init_params(config, jax.random.PRNGKey(args.seed), jnp.float32, std=0.02)
+def train_base(args, config: NLDConfig, rows, block_lengths: tuple[int, ...], work: str, params=None):
+    """NVIDIA's joint AR + diffusion pretraining, from scratch or from ``params`` (float32, warm start);
+    resumes from ``work/base_ckpt``. ``rows``: ``[N, L]`` tokens, or a dict of arrays (``tokens`` and
+    optionally ``loss_mask``, see nld_jax.training.make_train_step)."""
+    data = rows if isinstance(rows, dict) else {"tokens": rows}
+    if params is None:
+        params = init_params(config, jax.random.PRNGKey(args.seed), jnp.float32, std=0.02)
     # remat: recomputing each layer in the backward pass is faster on CPU than saving its activations
     train = TrainConfig(mode="pretrain", loss=LossConfig(dlm_weight=0.3, remat=True), compute_dtype=args.compute_dtype,
                         block_lengths=block_lengths)
@@ -178,13 +201,15 @@ def train_base(args, config: NLDConfig, rows: np.ndarray, block_lengths: tuple[i
     # Calibrate the step count to the time budget with a throwaway optimiser, then train for real.
     probe_opt = make_optimizer(OptimConfig(lr=args.lr, total_steps=100))
     probe = make_train_step(config, train, probe_opt)
-    it = batches({"tokens": rows}, args.batch, seed=args.seed)
+    it = batches(data, args.batch, seed=args.seed)
     if args.steps is None:
         total, _ = calibrated_steps(probe, init_state(jax.tree.map(jnp.copy, params), probe_opt), None, it,
                                     block_lengths, args.minutes * 60)
     else:
         total = args.steps
-    opt_cfg = OptimConfig(lr=args.lr, total_steps=total, warmup_steps=min(200, total // 10), schedule="wsd")
+    warmup = getattr(args, "warmup_steps", None)
+    opt_cfg = OptimConfig(lr=args.lr, total_steps=total, schedule="wsd",
+                          warmup_steps=min(200, total // 10) if warmup is None else warmup)
     optimizer = make_optimizer(opt_cfg)
     step = make_train_step(config, train, optimizer)
     ckpt = CheckpointIO(os.path.join(work, "base_ckpt"))
@@ -194,8 +219,7 @@ def train_base(args, config: NLDConfig, rows: np.ndarray, block_lengths: tuple[i
         print(f"resumed at step {int(state.step)}", flush=True)
     print(f"base training: {total} steps of {args.batch}x{args.seq_len} tokens", flush=True)
     t0 = time.perf_counter()
-    state = train_loop(step, state, None, batches({"tokens": rows}, args.batch, seed=args.seed,
-                                                  start_step=int(state.step)),
+    state = train_loop(step, state, None, batches(data, args.batch, seed=args.seed, start_step=int(state.step)),
                        total, block_lengths, log_path=os.path.join(work, "base_log.jsonl"), checkpoint=ckpt,
                        checkpoint_every=max(total // 5, 50), schedule=make_schedule(opt_cfg), seed=args.seed)
     seconds = time.perf_counter() - t0
@@ -203,8 +227,10 @@ def train_base(args, config: NLDConfig, rows: np.ndarray, block_lengths: tuple[i
     return state.trainable, total, seconds
 
 
-def train_lora(args, config: NLDConfig, params, rows: np.ndarray, work: str):
-    """The self-speculation draft LoRA on the frozen base (draft objective, blocks 8/16/32)."""
+def train_lora(args, config: NLDConfig, params, rows, work: str):
+    """The self-speculation draft LoRA on the frozen base (draft objective, blocks 8/16/32);
+    ``rows`` as in :func:`train_base`."""
+    data = rows if isinstance(rows, dict) else {"tokens": rows}
     lora_blocks = (8, 16, 32)
     alpha = 4.0 * args.lora_rank  # scale alpha / r = 4, as NVIDIA's adapter
     lora0 = init_lora(config, jax.random.PRNGKey(args.seed + 1), args.lora_rank, alpha)
@@ -213,7 +239,7 @@ def train_lora(args, config: NLDConfig, params, rows: np.ndarray, work: str):
     probe_opt = make_optimizer(OptimConfig(lr=args.lora_lr, total_steps=100, weight_decay=0.0))
     probe = make_train_step(config, lora_train, probe_opt, lora_scale=4.0)
     trainable = {"A": lora0["A"], "B": lora0["B"]}
-    lit = batches({"tokens": rows}, args.batch, seed=args.seed + 7)
+    lit = batches(data, args.batch, seed=args.seed + 7)
     steps, _ = calibrated_steps(probe, init_state(jax.tree.map(jnp.copy, trainable), probe_opt), params,
                                 lit, lora_blocks, args.lora_minutes * 60)
     opt_cfg = OptimConfig(lr=args.lora_lr, total_steps=steps, warmup_steps=min(50, steps // 10),

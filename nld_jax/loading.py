@@ -24,7 +24,8 @@ import numpy as np
 
 from nld_jax import partitioning, quant
 from nld_jax.checkpoint import finite, hf, orbax
-from nld_jax.checkpoint.directory import CONFIG_FILE, GenerationDefaults, load_configs, read_generation_defaults
+from nld_jax.checkpoint.directory import (CONFIG_FILE, GenerationDefaults, load_configs, read_generation_defaults,
+                                          read_max_image_size)
 from nld_jax.checkpoint.errors import CheckpointError
 from nld_jax.checkpoint.files import CheckpointFiles
 from nld_jax.checkpoint.hub import resolve_checkpoint
@@ -32,7 +33,7 @@ from nld_jax.config import NLDConfig
 from nld_jax.params import flatten_tree, init_lora, init_params, param_specs, quantized_leaves, tree_from_flat
 from nld_jax.tokenizer import Tokenizer, load_tokenizer
 from nld_jax.vision.config import VisionConfig, resolve_image_tokens
-from nld_jax.vision.params import vision_shardings
+from nld_jax.vision.params import vision_shardings, vision_specs
 
 __all__ = ["NLDModel", "load", "quantize", "random_model", "DEFAULT_CHECKPOINT", "resolve_dtype", "stored_dtype",
            "layout_of"]
@@ -162,10 +163,12 @@ def load(path: str | os.PathLike | None = None, dtype="float32", *, load_lora: b
     output channel as they are placed (:mod:`nld_jax.quant`; ``dtype`` is then the compute dtype,
     and the result equals ``quantize(load(...))`` exactly). A checkpoint written by
     ``nld-convert --quantize`` loads quantized without it; asking to quantize it again is an error.
+    A vision-language checkpoint's tower and projector are never quantized: they stay in ``dtype``.
 
     ``check_finite``: a NaN or Inf in any weight raises a :class:`CheckpointError` naming the
     tensor. None (default): checked when the weights, in ``dtype``, take at most
-    :data:`nld_jax.checkpoint.finite.DEFAULT_LIMIT_BYTES` (1 GiB), where it costs little.
+    :data:`nld_jax.checkpoint.finite.DEFAULT_LIMIT_BYTES` (1 GiB, a VLM's vision weights
+    counted), where it costs little.
 
     Everything read from the directory goes through :class:`CheckpointFiles` (plain names,
     symlinks only inside it or into the hub cache's blobs, regular files only); every error
@@ -175,12 +178,11 @@ def load(path: str | os.PathLike | None = None, dtype="float32", *, load_lora: b
     files = CheckpointFiles(DEFAULT_CHECKPOINT if path is None else resolve_checkpoint(path))
     layout = layout_of(files)
     config, vision_config = load_configs(files)
-    if vision_config is not None and layout == "orbax":
-        raise CheckpointError(f"{files.directory}: a converted (Orbax) vision-language checkpoint is not supported "
-                              "yet; load NVIDIA's safetensors directory")
     dt = resolve_dtype(stored_dtype(files) if dtype is None else dtype)
     if check_finite is None:
-        check_finite = finite.default_on(config.num_params() * np.dtype(dt).itemsize)
+        vision_count = 0 if vision_config is None else sum(
+            int(np.prod(spec.shape)) for spec in vision_specs(vision_config).values())
+        check_finite = finite.default_on((config.num_params() + vision_count) * np.dtype(dt).itemsize)
     param_sharding_of, lora_sharding_of = _sharding_plan(config, mesh, rules, shardings)
     finish = None
     if scheme is not None:
@@ -206,9 +208,12 @@ def load(path: str | os.PathLike | None = None, dtype="float32", *, load_lora: b
     vision = None
     if vision_config is not None:
         vision_config = resolve_image_tokens(vision_config, tok, files.shown(CONFIG_FILE), config.V)
+        vision_config = dataclasses.replace(vision_config, max_image_size=read_max_image_size(files))
         vision_sharding_of = (vision_shardings(vision_config, mesh, rules) if mesh is not None
                               else lambda leaf: jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        vision = hf.read_hf_vision(files, vision_config, dt, vision_sharding_of, check_finite)
+        # The tower and projector stay in dt even with quantize=: only the text decoder is quantized.
+        read_vision = orbax.read_vision if layout == "orbax" else hf.read_hf_vision
+        vision = read_vision(files, vision_config, dt, vision_sharding_of, check_finite)
     return NLDModel(config, params, lora, tok, files.directory, read_generation_defaults(files), vision,
                     vision_config)
 
@@ -216,7 +221,8 @@ def load(path: str | os.PathLike | None = None, dtype="float32", *, load_lora: b
 def quantize(model: NLDModel, scheme: str = "int8") -> NLDModel:
     """``model`` with its matmul weights and embedding quantized per output channel ("int8" or
     "fp8"; see :mod:`nld_jax.quant`): each leaf compiled in place on its own devices and
-    sharding. The norms keep the model's dtype (the compute dtype); the draft LoRA stays float32.
+    sharding. The norms keep the model's dtype (the compute dtype); the draft LoRA stays float32;
+    a VLM's vision tower and projector are left as they are (only the text decoder is quantized).
     Quantizing a quantized model is an error (quantize the unquantized weights instead)."""
     name = quant.scheme(scheme).name
     quant.check_not_quantized(model.params)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 
 from nld_jax.decode import DecodeInputs, DecodeOutput
 from nld_jax.kv_cache import KVCache

@@ -12,7 +12,66 @@ from typing import Sequence
 from nld_jax.checkpoint.errors import CheckpointError
 from nld_jax.checkpoint.files import CheckpointFiles
 
-__all__ = ["Tokenizer", "load_tokenizer"]
+__all__ = ["Tokenizer", "load_tokenizer", "chat_images"]
+
+# Content parts of a chat message that stand for an image (transformers' chat messages).
+IMAGE_PARTS = ("image", "image_url")
+# Where an image part was, in the rendered template text, when the tokenizer has no single token
+# for the image placeholder's text (a private-use character no template writes).
+_IMAGE_MARK = "\ue000nld-image\ue000"
+
+
+def _image_source(part: dict, where: str):
+    """The image a content part carries (a path, a PIL image or an array), or None for a bare
+    ``{"type": "image"}`` whose image is given separately."""
+    if part["type"] == "image":
+        return part.get("image", part.get("path", part.get("url")))
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    if not isinstance(url, str):
+        raise ValueError(f"{where}: an image_url part needs image_url.url, a file path, got {url!r:.80}")
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    if "://" in url or url.startswith("data:"):
+        raise ValueError(f"{where}: image_url {url[:60]!r} is not a local file; nld_jax neither downloads nor "
+                         "decodes URLs: save the image and give its path")
+    return url
+
+
+def _content_parts(messages: list[dict]):
+    """``(messages with list contents flattened to text, image marks in place of image parts,
+    the images in order)``: text parts are joined as they are, with nothing between them (as
+    Pixtral's template joins them)."""
+    if not isinstance(messages, list):
+        raise ValueError(f"messages must be a list of {{role, content}} objects, got {type(messages).__name__}")
+    flat, images = [], []
+    for m, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            flat.append(message)
+            continue
+        pieces = []
+        for p, part in enumerate(content):
+            where = f"messages[{m}].content[{p}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                pieces.append(part["text"])
+            elif kind in IMAGE_PARTS:
+                images.append(_image_source(part, where))
+                pieces.append(_IMAGE_MARK)
+            else:
+                raise ValueError(f"{where}: a content part must be {{'type': 'text', 'text': ...}}, "
+                                 f"{{'type': 'image'[, 'image': path]}} or {{'type': 'image_url', ...}}, "
+                                 f"got {part!r:.80}")
+        flat.append({**message, "content": "".join(pieces)})
+    return flat, images
+
+
+def chat_images(messages: list[dict]) -> list:
+    """The images of ``messages``' image content parts, in order (the order their placeholders
+    have in :meth:`Tokenizer.apply_chat_template`'s prompt): a path, PIL image or array per
+    part, None for a bare ``{"type": "image"}`` (its image is given separately)."""
+    return _content_parts(messages)[1]
 
 
 class Tokenizer:
@@ -63,8 +122,45 @@ class Tokenizer:
         return self._backend.get_piece_size()
 
     # ---- chat ----------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Render ``messages`` with the checkpoint's Jinja chat template and tokenize the result."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            image_token_id: int | None = None) -> list[int]:
+        """Render ``messages`` with the checkpoint's Jinja chat template and tokenize the result.
+
+        A message's ``content`` may be a list of parts (transformers' chat messages): text parts
+        are joined, and each image part (``{"type": "image"}``, ``{"type": "image", "image":
+        path}``, ``{"type": "image_url", "image_url": {"url": path}}``) becomes one
+        ``image_token_id`` in the ids, a placeholder that ``generate(images=...)`` expands to
+        the image's layout (:func:`chat_images` gives the images in the same order). Where that id
+        is one of the tokenizer's added tokens (``[IMG]``), the template's text holds it and is
+        tokenized whole, as transformers does; otherwise the text around each image is
+        tokenized piece by piece."""
+        flat, images = _content_parts(messages)
+        if images and image_token_id is None:
+            raise ValueError("the messages hold image content parts, but this checkpoint is text-only (no image "
+                             "token): load a vision-language checkpoint")
+        if not images:
+            return self._render(flat, add_generation_prompt)
+        # An added token (like [IMG]) is split out of any text before tokenizing; an ordinary
+        # vocabulary entry with that id (a tiny model's "'") is not a placeholder.
+        added = self._backend.get_added_tokens_decoder() if self.kind == "tokenizers" else {}
+        literal = added[image_token_id].content if image_token_id in added else None
+        if literal and self.encode(literal, add_special_tokens=False) == [image_token_id]:
+            flat = [{**m, "content": m["content"].replace(_IMAGE_MARK, literal)} if isinstance(m, dict)
+                    and isinstance(m.get("content"), str) else m for m in flat]
+            return self._render(flat, add_generation_prompt)
+        pieces = self._rendered_text(flat, add_generation_prompt).split(_IMAGE_MARK)
+        if len(pieces) != len(images) + 1:
+            raise ValueError(f"the chat template wrote {len(pieces) - 1} of the messages' {len(images)} image(s)")
+        ids: list[int] = []
+        for n, piece in enumerate(pieces):
+            ids += ([image_token_id] if n else []) + (self.encode(piece, add_special_tokens=False) if piece else [])
+        return ids
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        # The template writes the BOS text itself; do not add a second one.
+        return self.encode(self._rendered_text(messages, add_generation_prompt), add_special_tokens=False)
+
+    def _rendered_text(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat_template (tokenizer_config.json lacks one)")
         import jinja2
@@ -78,10 +174,8 @@ class Tokenizer:
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
-        text = env.from_string(self.chat_template).render(
+        return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens)
-        # The template writes the BOS text itself; do not add a second one.
-        return self.encode(text, add_special_tokens=False)
 
 
 def _token_text(value, name: str, where: str) -> str:

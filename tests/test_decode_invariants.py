@@ -49,7 +49,7 @@ def test_ar_with_cache_equals_one_forward(tiny, cases):
     assert (reference[:, P - 1:-1].argmax(-1) == full[:, P:]).all()
 
 
-@pytest.mark.parametrize("block_length", [2, 3, 8, 16, 32])
+@pytest.mark.parametrize("block_length", [3, 32] + [pytest.param(C, marks=pytest.mark.slow) for C in (2, 8, 16)])
 def test_greedy_spec_equals_greedy_ar(tiny, cases, block_length):
     prompts = _prompts(cases)
     ar = nld_jax.generate(tiny, prompts, mode="ar", max_new_tokens=40)
@@ -283,7 +283,7 @@ def data2_model(tiny):
     return shard_model(tiny, mesh_from_spec("data=2"))
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec", "spec_quadratic"])
+@pytest.mark.parametrize("mode", [pytest.param("ar", marks=pytest.mark.slow), "diffusion", "spec", "spec_quadratic"])
 def test_sampling_is_seeded(tiny, cases, data2_model, mode):
     """``generate``'s promise (its docstring): row b samples with ``seed + b`` (or ``seed[b]``) and
     samples what it samples alone with that seed. So: the same seed gives the same tokens, another

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
@@ -29,6 +30,7 @@ def test_jit_generate_traces_once(capsys):
         assert all(float(a) == 1.0 for a in agreement.split(",")), line
 
 
+@pytest.mark.slow
 def test_convert_and_generate_script(golden_dir, tmp_path):
     bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
@@ -42,6 +44,7 @@ def test_convert_and_generate_script(golden_dir, tmp_path):
     assert (tmp_path / "hf-again" / "linear_spec_lora" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_finetune_sft_and_lora(golden_dir, tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"def f{i}(x):", "response": f"\n    return x + {i}\n"})
@@ -79,7 +82,7 @@ def test_colab_notebook_executes_top_to_bottom(tmp_path):
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 2  # the unmasking heat map and the accepted lengths
+    assert len(images) == 3  # the unmasking heat map, the accepted lengths and the demo VLM's picture
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "greedy spec == greedy AR: True" in text
 
@@ -104,3 +107,63 @@ def test_cli_chat_uses_the_chat_template(golden_dir, tmp_path, monkeypatch, caps
     captured = capsys.readouterr()
     assert captured.out.count("nld> ") == 2
     assert "no chat template" not in captured.err
+
+
+def _train_tasks():
+    return runpy.run_path(str(EXAMPLES / "train_tasks.py"))
+
+
+def test_task_examples_are_what_their_task_says_and_held_out_ones_never_train():
+    """examples/train_tasks.py: every answer is its prompt's task applied to the input; the
+    held-out rule splits prompts, and the packed rows keep each example whole, its prompt out of
+    the loss and its answer (with the EOS padding to a multiple of 32) in it."""
+    t = _train_tasks()
+    words = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta"]
+    seen = set()
+    for task, prompt, answer in itertools.islice(t["examples"](0, words, held_out=False), 500):
+        assert prompt.startswith(task + ": ") and prompt.endswith(" =") and answer.startswith(" ")
+        x, y = prompt[len(task) + 2:-2], answer[1:]
+        expected = {"copy": lambda: x, "reverse": lambda: x[::-1], "upper": lambda: x.upper(),
+                    "json": lambda: json.dumps(dict((k, int(v) if v.isdigit() else v)
+                                                    for k, v in (p.split("=") for p in x.split()))),
+                    "kv": lambda: " ".join(f"{k}={v}" for k, v in json.loads(x).items())}[task]()
+        assert y == expected, (prompt, answer)
+        assert not t["is_held_out"](prompt)
+        seen.add(task)
+    assert seen == set(t["TASKS"])
+    held = list(itertools.islice(t["examples"](10_000, words, held_out=True), 50))
+    assert all(t["is_held_out"](p) for _, p, _ in held)
+
+    import nld_jax
+
+    tok = nld_jax.load().tokenizer
+    code = [tok.encode("def f(x):\n    return x\n" * 20, add_special_tokens=False)]
+    data = t["task_rows"](tok, words, code, 20, 256, 0)
+    tokens, mask = data["tokens"], data["loss_mask"]
+    assert tokens.shape == mask.shape == (20, 256)
+    for row, m in zip(tokens, mask):
+        starts = [i for i in range(256) if row[i] == tok.bos_id]
+        for s in starts:
+            text = tok.decode([int(v) for v in row[s + 1:]])
+            head = text.split(" ", 1)[0]
+            if head.endswith(":") and head[:-1] in t["TASKS"]:  # a task example: BOS prompt answer EOS...
+                n_prompt = len(tok.encode(text.split(" =", 1)[0] + " =")) - 1
+                assert s % 32 == 0 and not m[s:s + 1 + n_prompt].any() and m[s + 1 + n_prompt]
+
+
+# Trains a 2-layer model from scratch for a few steps, its draft LoRA, and evaluates it (~1-2 min).
+@pytest.mark.slow
+def test_train_tasks_smoke_run_writes_a_model_and_its_report(tmp_path):
+    out = tmp_path / "model"
+    _train_tasks()["main"](["--out", str(out), "--size", "smoke", "--steps", "3", "--lora-minutes", "0.02",
+                            "--eval-per-task", "1", "--block-lengths", "8,32", "--thresholds", "0.9"])
+    import nld_jax
+
+    model = nld_jax.load(out)
+    assert model.lora is not None and model.config.vocab_size == 260
+    report = json.loads((out / "train_report.json").read_text())
+    for name in ("ar", "diffusion_b8_t0.9", "diffusion_b32_t0.9", "spec_b32", "spec_b32_lora", "spec_quadratic_b8"):
+        assert set(report[name]["exact_match_per_task"]) == set(report["tasks"]), name
+        assert report[name]["tpf"] > 0 and report[name]["tokens_per_second"] > 0
+    assert report["spec_b32_equals_ar"] and report["spec_b32_lora_equals_ar"] and report["spec_quadratic_b8_equals_ar"]
+    assert report["base_steps"] == 3 and report["lora_steps"] >= 10

@@ -198,7 +198,7 @@ def _prompts(cases):
     return [p["ids"][:n] for p, n in zip(cases["prompts"]["spec"], (24, 9, 17))]
 
 
-@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+@pytest.mark.parametrize("scheme", ["int8", pytest.param("fp8", marks=pytest.mark.slow)])
 def test_greedy_spec_and_quadratic_spec_equal_greedy_ar_under_quantization(tiny, cases, scheme):
     """Every mode runs the same quantized weights, so self-speculation is still exact."""
     model = nld_jax.quantize(tiny, scheme)

@@ -17,7 +17,7 @@ from nld_jax.generate import resolve_settings
 from nld_jax.serving.engine import Engine, EngineConfig, SlotSettings
 from nld_jax.serving.scheduler import QueueFull, Request, Scheduler, ShuttingDown
 
-TIMEOUT = 60.0  # seconds any one request may take here
+TIMEOUT = 240.0  # seconds any one request may take here (a new program's compile on a loaded 2-core machine)
 PROMPTS = ["def fib(n):", "import os", "Hello world, this is a test of the tiny model", "class A:\n    def f(self):"]
 CHUNK = 16
 

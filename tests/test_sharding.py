@@ -191,7 +191,8 @@ def golden_reference(tiny):
     return prompts, _reference(tiny, prompts, FAST)
 
 
-@pytest.mark.parametrize("spec", ["data=8", "data=4,tensor=2", "data=2,tensor=4", "fsdp=8"])
+@pytest.mark.parametrize("spec", ["data=2,tensor=4", "fsdp=8"] + [pytest.param(s, marks=pytest.mark.slow)
+                                                                 for s in ("data=8", "data=4,tensor=2")])
 def test_golden_model_sharded_equals_one_device(tiny, golden_reference, spec):
     """(8 data), (4 data x 2 tensor), (2 data x 4 tensor: KV heads replicated) and FSDP; weights
     loaded straight into their shardings by nld_jax.load(path, mesh=)."""

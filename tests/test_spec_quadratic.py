@@ -59,8 +59,11 @@ def test_the_quad_block_is_the_reports_structure(C):
     assert bool(req.write[0])  # the verify part goes to the cache (rolled back to what is accepted)
 
 
-@pytest.mark.parametrize("C", [2, 4, 8])
-@pytest.mark.parametrize("use_lora", [False, True])
+# Two of the six cases in the default suite, all six in the slow step (each compiles its own programs).
+@pytest.mark.parametrize("C, use_lora", [(4, False), (8, True), pytest.param(2, False, marks=pytest.mark.slow),
+                                         pytest.param(8, False, marks=pytest.mark.slow),
+                                         pytest.param(2, True, marks=pytest.mark.slow),
+                                         pytest.param(4, True, marks=pytest.mark.slow)])
 def test_greedy_quadratic_equals_greedy_ar(tiny, cases, C, use_lora):
     prompts = _prompts(cases)
     ar = nld_jax.generate(tiny, prompts, mode="ar", max_new_tokens=MAX_NEW)

@@ -39,7 +39,7 @@ def _one_step(step, state, frozen, rows):
     return jax.tree.map(np.asarray, state.trainable), {k: float(v) for k, v in metrics.items()}
 
 
-@pytest.mark.parametrize("mode", ["pretrain", "lora"])
+@pytest.mark.parametrize("mode", ["pretrain", pytest.param("lora", marks=pytest.mark.slow)])  # lora: slow step
 def test_sharded_sgd_step_equals_one_device(tiny, rows, mode):
     trainable, frozen = _trainable(tiny, mode)
     train = TrainConfig(mode=mode, block_lengths=(8,))

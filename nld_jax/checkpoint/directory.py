@@ -1,4 +1,5 @@
-"""The small JSON files of a checkpoint directory: ``config.json`` and ``generation_config.json``.
+"""The small JSON files of a checkpoint directory: ``config.json``, ``generation_config.json``
+and (a VLM's) ``preprocessor_config.json``.
 
 Tensors are read by :mod:`.hf` (safetensors) and :mod:`.orbax` (converted checkpoints); this
 module reads the configuration that decides what those readers expect, through
@@ -15,11 +16,14 @@ from nld_jax.checkpoint.files import JSON_LIMIT, CheckpointFiles, open_regular, 
 from nld_jax.config import ConfigError, NLDConfig, config_from_hf
 from nld_jax.vision.config import VisionConfig, is_vlm_config, vision_config_from_hf
 
-__all__ = ["CONFIG_FILE", "GENERATION_CONFIG_FILE", "GenerationDefaults", "read_json", "load_hf_config",
+__all__ = ["CONFIG_FILE", "GENERATION_CONFIG_FILE", "PREPROCESSOR_CONFIG_FILE", "read_max_image_size",
+           "GenerationDefaults", "read_json", "load_hf_config",
            "load_configs", "read_config_json", "read_generation_defaults"]
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
+MAX_IMAGE_EDGE = 2**16
 
 
 def read_json(path: str, what: str, error=ConfigError) -> Any:
@@ -96,3 +100,25 @@ def read_generation_defaults(directory: str | os.PathLike | CheckpointFiles) -> 
                                   or not 0.0 <= threshold <= 1.0):
         raise ConfigError(f"{path}: threshold={threshold!r} must be a number in [0, 1]")
     return GenerationDefaults(block, None if threshold is None else float(threshold))
+
+
+def read_max_image_size(directory: str | os.PathLike | CheckpointFiles) -> int | None:
+    """The longest edge images are resized to, from Pixtral's ``preprocessor_config.json``
+    (``size: {"longest_edge": N}``), or None when the file or its ``size`` is absent. Any other
+    ``size`` (a height / width pair, a bad number) is refused naming the file and field: the
+    images would otherwise be prepared differently from what the checkpoint was trained on."""
+    files = CheckpointFiles.of(directory)
+    if not files.exists(PREPROCESSOR_CONFIG_FILE):
+        return None
+    path = files.shown(PREPROCESSOR_CONFIG_FILE)
+    raw = files.read_json(PREPROCESSOR_CONFIG_FILE, error=ConfigError)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a JSON object, got {type(raw).__name__}")
+    size = raw.get("size")
+    if size is None:
+        return None
+    edge = size.get("longest_edge") if isinstance(size, dict) else None
+    if not isinstance(edge, int) or isinstance(edge, bool) or not 1 <= edge <= MAX_IMAGE_EDGE:
+        raise ConfigError(f"{path}: size={size!r:.80} must be {{\"longest_edge\": N}} with N an integer in "
+                          f"[1, {MAX_IMAGE_EDGE}] (Pixtral's image processor)")
+    return edge

@@ -20,6 +20,7 @@ import numpy as np
 from nld_jax.checkpoint.errors import CheckpointError
 from nld_jax.checkpoint.files import CheckpointFiles, plain_name
 from nld_jax.checkpoint.finite import first_nonfinite
+from nld_jax.checkpoint.key_layout import NVIDIA, KeyLayout, detect_layout
 from nld_jax.checkpoint.safetensors_io import SafetensorsFile
 from nld_jax.config import NLDConfig
 from nld_jax.params import ParamSpec, lora_specs, param_specs, tree_from_flat
@@ -59,7 +60,10 @@ def read_weight_map(files: CheckpointFiles, index_file: str) -> dict[str, str]:
 class HFCheckpoint:
     """The tensors of an HF checkpoint directory, possibly sharded, opened lazily.
 
-    ``directory`` is a path or a :class:`CheckpointFiles` (e.g. ``linear_spec_lora/`` of one)."""
+    ``directory`` is a path or a :class:`CheckpointFiles` (e.g. ``linear_spec_lora/`` of one).
+    Tensors are named by NVIDIA's names whatever layout the files use (transformers' Mistral3
+    ones are renamed, :mod:`nld_jax.checkpoint.key_layout`); :meth:`stored_name` gives the
+    name in the file."""
 
     def __init__(self, directory: str | os.PathLike | CheckpointFiles, single_file: str = SINGLE_FILE,
                  index_file: str = INDEX_FILE):
@@ -100,6 +104,19 @@ class HFCheckpoint:
             if unlisted:
                 raise CheckpointError(f"{index} does not list tensor(s) {key_listing(unlisted)} that "
                                       f"{files.shown(self._where[unlisted[0]])} holds")
+        self.layout: KeyLayout = detect_layout(self._where, self.directory, lambda k: files.shown(self._where[k]))
+        self._stored: dict[str, str] = {}  # NVIDIA's name -> the name in the file (only where they differ)
+        if self.layout is not NVIDIA:
+            where: dict[str, str] = {}
+            for stored, name in self._where.items():
+                key = self.layout.to_canonical(stored)
+                if key in where:
+                    raise CheckpointError(f"{files.shown(name)}: tensors {self._stored.get(key, key)!r} and "
+                                          f"{stored!r} are both {key!r} in nld_jax's names")
+                where[key] = name
+                if key != stored:
+                    self._stored[key] = stored
+            self._where = where
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -107,14 +124,22 @@ class HFCheckpoint:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
+    def stored_name(self, key: str) -> str:
+        """The name the file gives tensor ``key`` (NVIDIA's name)."""
+        return self._stored.get(key, key)
+
+    def canonical_name(self, stored: str) -> str:
+        """NVIDIA's name of the tensor the file calls ``stored``."""
+        return self.layout.to_canonical(stored)
+
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._files[self._where[key]].shape(key)
+        return self._files[self._where[key]].shape(self.stored_name(key))
 
     def dtype(self, key: str) -> np.dtype:
-        return self._files[self._where[key]].dtype(key)
+        return self._files[self._where[key]].dtype(self.stored_name(key))
 
     def get(self, key: str) -> np.ndarray:
-        return self._files[self._where[key]].get(key)
+        return self._files[self._where[key]].get(self.stored_name(key))
 
     def file_of(self, key: str) -> str:
         """The path (as shown in errors) of the file holding ``key``."""

@@ -21,6 +21,8 @@ from nld_jax.checkpoint.hf import ADAPTER_CONFIG, ADAPTER_FILE, INDEX_FILE, LORA
 from nld_jax.checkpoint.safetensors_io import write_safetensors
 from nld_jax.config import NLDConfig, config_to_hf
 from nld_jax.params import ParamSpec, flatten_tree, lora_specs, param_specs
+from nld_jax.vision.config import VisionConfig, vision_config_to_hf
+from nld_jax.vision.params import vision_specs
 
 __all__ = ["hf_tensors", "shard_plan", "write_index", "write_sharded", "save_hf_checkpoint", "save_hf_lora", "peft_adapter_config", "TOKENIZER_FILES"]
 
@@ -104,8 +106,16 @@ def peft_adapter_config(rank: int, alpha: float) -> dict:
 
 def save_hf_checkpoint(directory: str, config: NLDConfig, params: dict, *, lora: dict | None = None,
                        dtype: str = "bfloat16", max_shard_bytes: int = 5 * 2**30,
-                       tokenizer_dir: str | None = None, extra_config: dict | None = None) -> None:
-    """A complete NLD checkpoint directory that ``nld_jax.load`` and NVIDIA's code both read."""
+                       tokenizer_dir: str | None = None, extra_config: dict | None = None,
+                       vision: dict | None = None, vision_config: VisionConfig | None = None) -> None:
+    """A complete NLD checkpoint directory that ``nld_jax.load`` and NVIDIA's code both read.
+
+    With ``vision`` (``{"tower", "projector"}``) and its ``vision_config``: a vision-language
+    checkpoint in NVIDIA's VLM layout (tower and projector tensors under ``encoder.vision_tower.``
+    / ``encoder.multi_modal_projector.`` beside the text tensors, the VLM fields in config.json).
+    """
+    if (vision is None) != (vision_config is None):
+        raise ValueError("give vision and vision_config together (a vision-language checkpoint) or neither")
     os.makedirs(directory, exist_ok=True)
     np_dtype = _NP_DTYPES[dtype]
     flat = flatten_tree(params)
@@ -113,8 +123,19 @@ def save_hf_checkpoint(directory: str, config: NLDConfig, params: dict, *, lora:
     def get(path):
         return np.asarray(flat[path].astype(jnp.float32)).astype(np_dtype)
 
-    write_sharded(directory, hf_tensors(param_specs(config), config.L, get), max_shard_bytes)
-    hf = {**config_to_hf(config), "torch_dtype": dtype, **(extra_config or {})}
+    tensors = hf_tensors(param_specs(config), config.L, get)
+    if vision is not None:
+        flat_vision = flatten_tree(vision)
+
+        def get_vision(path):
+            return np.asarray(flat_vision[path].astype(jnp.float32)).astype(np_dtype)
+
+        text_tensors = tensors
+        tensors = (t for part in (text_tensors, hf_tensors(vision_specs(vision_config), vision_config.Lv,
+                                                           get_vision)) for t in part)
+    write_sharded(directory, tensors, max_shard_bytes)
+    hf = {**config_to_hf(config), **(vision_config_to_hf(vision_config) if vision is not None else {}),
+          "torch_dtype": dtype, **(extra_config or {})}
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     with open(os.path.join(directory, "generation_config.json"), "w") as f:

@@ -26,6 +26,7 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-
 # Every small file nld-jax may read from a checkpoint (hf.py, orbax.py, directory.py, tokenizer.py).
 SMALL_FILES = ["config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
                "tokenizer_config.json", "chat_template.jinja", "tokenizer.model", "nld_metadata.json",
+               "preprocessor_config.json",
                "linear_spec_lora/adapter_config.json", "linear_spec_lora/adapter_model.safetensors.index.json"]
 
 
@@ -43,7 +44,7 @@ def _weight_files(snapshot: str) -> list[str]:
 
     files = CheckpointFiles(snapshot)
     if files.exists(orbax.METADATA_FILE):
-        return [f"{orbax.PARAMS_ITEM}/*", f"{orbax.LORA_ITEM}/*", orbax.STEP_METADATA]
+        return [f"{orbax.PARAMS_ITEM}/*", f"{orbax.LORA_ITEM}/*", f"{orbax.VISION_ITEM}/*", orbax.STEP_METADATA]
     wanted = (sorted(set(hf.read_weight_map(files, hf.INDEX_FILE).values())) if files.exists(hf.INDEX_FILE)
               else [hf.SINGLE_FILE])
     if files.exists(hf.LORA_DIR):

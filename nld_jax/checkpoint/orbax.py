@@ -7,6 +7,8 @@ writers, this module the format and the read side, so the library reads its own 
     params/_METADATA            Orbax PyTree metadata: one entry per leaf
     params/<leaf path>/         one zarr array per leaf, e.g. layers.self_attn.q_proj/
     lora/...                    the draft LoRA {A, B, scale}, same format
+    vision/...                  a VLM's Pixtral tower and Mistral3 projector (tower.*, projector.*,
+                                nld_jax.vision.params), never quantized
     config.json, tokenizer*     copied verbatim from the source
     nld_metadata.json           format version, provenance, stored dtypes, quantization
 
@@ -38,12 +40,15 @@ from nld_jax.checkpoint.files import CheckpointFiles, plain_name
 from nld_jax.checkpoint.finite import first_nonfinite_in_placed
 from nld_jax.checkpoint.hf import FLOAT_DTYPES, CheckpointError, key_listing
 from nld_jax.config import NLDConfig
-from nld_jax.params import lora_specs, param_specs, quantized_leaves, tree_from_flat
+from nld_jax.params import ParamSpec, lora_specs, param_specs, quantized_leaves, tree_from_flat
+from nld_jax.vision.config import VisionConfig
+from nld_jax.vision.params import vision_specs
 
 __all__ = ["METADATA_FILE", "FORMAT_NAME", "FORMAT_VERSION", "PLAIN_FORMAT_VERSION", "QUANTIZED_FORMAT_VERSION",
-           "quantization_of_metadata", "quantization_metadata", "quantized_item_shapes", "PARAMS_ITEM", "LORA_ITEM", "PYTREE_METADATA",
+           "quantization_of_metadata", "quantization_metadata", "quantized_item_shapes", "PARAMS_ITEM", "LORA_ITEM", "VISION_ITEM", "PYTREE_METADATA",
            "STEP_METADATA", "COMMIT_FILE", "PYTREE_HANDLER", "is_converted_dir", "looks_like_orbax", "read_metadata",
-           "tensorstore_context", "open_item", "stored_shapes", "check_item", "read_params", "read_lora", "lora_rank"]
+           "tensorstore_context", "open_item", "stored_shapes", "check_item", "read_params", "read_vision", "read_lora",
+           "lora_rank"]
 
 METADATA_FILE = "nld_metadata.json"
 FORMAT_NAME = "nld-jax-orbax"
@@ -52,6 +57,7 @@ QUANTIZED_FORMAT_VERSION = 2  # quantized ones: older readers say "upgrade" inst
 FORMAT_VERSION = QUANTIZED_FORMAT_VERSION  # the newest this nld-jax reads
 PARAMS_ITEM = "params"
 LORA_ITEM = "lora"
+VISION_ITEM = "vision"
 PYTREE_METADATA = "_METADATA"
 STEP_METADATA = "_CHECKPOINT_METADATA"
 COMMIT_FILE = "commit_success.txt"
@@ -308,6 +314,28 @@ def read_params(path: str | os.PathLike | CheckpointFiles, config: NLDConfig, dt
         if check_finite:
             _check_finite(item, checked, lambda name: spec.stacked)
         flat[leaf] = value if finish is None else finish(leaf, value)
+    return tree_from_flat(flat)
+
+
+def read_vision(path: str | os.PathLike | CheckpointFiles, config: VisionConfig, dtype,
+                sharding_of: Callable[[str], jax.sharding.Sharding], check_finite: bool = False) -> dict:
+    """A VLM's vision tower and projector (``{"tower": ..., "projector": ...}``) from the
+    ``vision`` item, under the same accounting as the text weights (never quantized)."""
+    files = CheckpointFiles.of(path)
+    if not files.is_dir(VISION_ITEM):
+        raise CheckpointError(f"{files.directory}: config.json describes a vision-language model but the "
+                              f"checkpoint has no {VISION_ITEM}/ item (the vision tower's weights)")
+    item = files.subdirectory(VISION_ITEM)
+    specs: dict[str, ParamSpec] = vision_specs(config)
+    leaves = open_item(item)
+    shapes, dtypes = stored_shapes(leaves)
+    check_item(item.directory, shapes, dtypes, {leaf: spec.shape for leaf, spec in specs.items()})
+    flat = {}
+    for leaf, spec in specs.items():
+        wanted = {leaf: (spec.shape, dtypes[leaf] if dtype is None else dtype, sharding_of(leaf))}
+        flat[leaf] = _restore(item, leaves, wanted)[leaf]
+        if check_finite:
+            _check_finite(item, {leaf: flat[leaf]}, lambda name, spec=spec: spec.stacked)
     return tree_from_flat(flat)
 
 

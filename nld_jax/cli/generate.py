@@ -8,6 +8,14 @@ Examples::
     nld-generate --checkpoint /ckpt/NLD-8B --mode spec --lora --json "Explain RoPE."
     nld-generate --prompt-ids 1,6,224,43 --mode spec
     nld-generate --checkpoint /ckpt/NLD-8B --chat           # interactive chat (chat template)
+    nld-generate --checkpoint /ckpt/NLD-VLM --image cat.png "Describe [IMG] in one line."
+    nld-generate --checkpoint /ckpt/NLD-VLM --image a.png --image b.png "Compare [IMG] with [IMG]."
+
+Images (a vision-language checkpoint): --image PATH (repeatable) gives images to the one prompt;
+each [IMG] in the prompt is one image's place, in order, else the images go first. In --chat,
+a line "/image PATH" attaches an image to your next message ("/images" lists the pending ones,
+"/clear" drops them); --image attaches images to the first message. Without --checkpoint,
+--image uses the embedded demo VLM (nld_jax/assets/demo-vlm) when there is one.
 
 Each run prints, per mode, tokens, forwards, TPF (tokens per forward), tokens/s and ms per
 forward. TPF depends only on the model and the prompts; tokens/s and ms per forward depend on
@@ -19,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 DEFAULT_MAX_NEW = 128
 MODES = ("ar", "diffusion", "spec", "spec_quadratic")  # of nld_jax.decode.MODES (not imported here: --help stays fast)
+# The embedded demo vision-language model, used by --image when no --checkpoint is given.
+DEMO_VLM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo-vlm")
 LOAD_NOTE = ("note: tokens/s and ms per forward depend on this machine and its load (compare them only with runs "
              "on the same machine, quiet); TPF does not")
 
@@ -41,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompts", nargs="*", metavar="PROMPT",
                    help=f"text prompts (default: {DEFAULT_PROMPT!r} when no --prompt-ids are given either)")
     p.add_argument("--checkpoint", help="checkpoint directory (HF safetensors or converted Orbax); "
-                                        "default: the embedded model")
+                                        "default: the embedded model (with --image: the embedded demo VLM)")
     p.add_argument("--mode", choices=MODES + ("all",), default="ar",
                    help="decoding mode (spec_quadratic: draft and verify in one forward); 'all' runs every mode "
                         "in turn on the same prompts")
@@ -68,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--prompt-ids", action="append", default=[],
                    help="a prompt as comma-separated token ids (repeatable)")
-    p.add_argument("--chat", action="store_true", help="interactive chat using the chat template")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the prompt (repeatable; a vision-language checkpoint, one prompt); each "
+                        "[IMG] in the prompt marks one image's place, else they go first")
+    p.add_argument("--chat", action="store_true",
+                   help="interactive chat using the chat template; '/image PATH' attaches an image to your next "
+                        "message")
     p.add_argument("--implementation", "--kernels", dest="implementation", default="auto",
                    help="attention / greedy-head implementation: 'auto' (default), 'xla' or a Pallas kernel name")
     return p
@@ -137,7 +153,9 @@ def _forwards(mode: str, nfe: list[int]) -> int:
     return max(nfe) + (1 if mode == "diffusion" else 0)
 
 
-def _run(args, model, prompts: list[list[int]], labels: list[str], out=None) -> None:
+def _run(args, model, prompts: list[list[int]], labels: list[str], out=None, images=None) -> None:
+    """``prompts`` hold their images' full layouts already (:func:`_place_images`) when ``images``
+    (one list per prompt) are given."""
     import nld_jax
 
     out = out or sys.stdout
@@ -159,7 +177,7 @@ def _run(args, model, prompts: list[list[int]], labels: list[str], out=None) -> 
                               block_length=args.block_length, threshold=_threshold(args.threshold),
                               temperature=args.temperature, use_lora=args.lora, seed=args.seed, top_p=args.top_p,
                               top_k=args.top_k, implementation=args.implementation,
-                              on_tokens=on_tokens if stream else None, kv_cache=args.kv_cache)
+                              on_tokens=on_tokens if stream else None, kv_cache=args.kv_cache, images=images)
     ms_per_forward = 1e3 * result.seconds / max(_forwards(args.mode, result.nfe), 1)
     for row, label in enumerate(labels):
         tokens = result.tokens[row]
@@ -188,14 +206,66 @@ def _run(args, model, prompts: list[list[int]], labels: list[str], out=None) -> 
               "per forward", file=sys.stderr)
 
 
-def _chat(args, model) -> None:
+def _read_images(paths: list[str]) -> list:
+    """Each ``--image`` opened with Pillow now, before the model loads: a missing or unreadable
+    file, or one that is not an image, is an error naming it."""
+    from nld_jax.vision.preprocess import load_image
+
+    images = []
+    for path in paths:
+        try:
+            images.append(load_image(path))
+        except ValueError as e:  # ImageError: "PATH: no such image file" / "PATH: not a readable image (...)"
+            raise ValueError(f"--image {e}") from None
+    return images
+
+
+def _place_images(model, prompts: list[list[int]], images: list[list]) -> list[list[int]]:
+    """The prompts with their images' token layouts in place (so the token budget counts
+    them); too many image tokens for the context is an error naming --image."""
+    from nld_jax.vision.preprocess import preprocess_image
+    from nld_jax.vision.prompts import placed_prompts
+
+    vc = model.vision_config
+    pixels = [[preprocess_image(im, vc) for im in row] for row in images]
+    try:
+        return placed_prompts(prompts, pixels, vc, model.config.bos_token_id, model.config.max_position_embeddings)
+    except ValueError as e:
+        raise ValueError(f"--image: {e}") from None
+
+
+def _chat_command(line: str, pending: list) -> bool:
+    """A chat line that is a command (``/image PATH``, ``/images``, ``/clear``): done here, True."""
+    command, _, rest = line.partition(" ")
+    if command == "/image":
+        try:
+            pending.extend(_read_images([rest.strip()]))
+            print(f"(image {rest.strip()} attached to your next message)", file=sys.stderr)
+        except ValueError as e:  # a wrong path in a chat is not the end of the chat
+            print(f"error: {e}", file=sys.stderr)
+        return True
+    if command == "/images":
+        print(f"({len(pending)} image(s) attached to your next message)", file=sys.stderr)
+        return True
+    if command == "/clear":
+        pending.clear()
+        return True
+    return False
+
+
+def _chat(args, model, images: list) -> None:
+    from nld_jax.tokenizer import chat_images
+
     tok = model.tokenizer
     if tok is None:
         raise ValueError("--chat needs a tokenizer, and this checkpoint has none")
     if not tok.chat_template:
         print("note: this checkpoint has no chat template; turns are sent as plain text", file=sys.stderr)
     messages: list[dict] = []
-    print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    pending = list(images)  # images for the next user message
+    image_id = None if model.vision_config is None else model.vision_config.image_token_id
+    print("chat: empty line or Ctrl-D to quit" + ("; /image PATH attaches an image" if image_id is not None else ""),
+          file=sys.stderr)
     while True:
         try:
             line = input("you> ").strip()
@@ -203,11 +273,25 @@ def _chat(args, model) -> None:
             break
         if not line:
             break
-        messages.append({"role": "user", "content": line})
-        ids = tok.apply_chat_template(messages) if tok.chat_template else tok.encode(line)
+        if line.startswith("/") and _chat_command(line, pending):
+            if pending and image_id is None:
+                pending.clear()
+                print("error: this checkpoint is text-only: it takes no images", file=sys.stderr)
+            continue
+        turn = pending[:]
+        pending.clear()
+        content = [{"type": "image", "image": im} for im in turn] + [{"type": "text", "text": line}]
+        messages.append({"role": "user", "content": content if turn else line})
+        if tok.chat_template:
+            ids, all_images = tok.apply_chat_template(messages, image_token_id=image_id), chat_images(messages)
+        else:  # plain text: this turn only, its images first
+            ids, all_images = tok.encode(line), turn
+        row_images = [all_images] if all_images else None
+        if row_images:
+            ids = _place_images(model, [ids], row_images)[0]
         print("nld> ", end="", flush=True)
         reply = _Capture(sys.stdout)
-        _run(args, model, [ids], ["chat"], out=reply)
+        _run(args, model, [ids], ["chat"], out=reply, images=row_images)
         messages.append({"role": "assistant", "content": "".join(reply.parts).strip()})
 
 
@@ -242,11 +326,21 @@ def _prompt_ids(spec: str) -> list[int]:
         raise ValueError(f"--prompt-ids {spec!r}: expected comma-separated integers such as 1,6,224") from None
 
 
+def _checkpoint(args) -> str | None:
+    """The checkpoint to load: --checkpoint, else with --image the embedded demo VLM, else None
+    (the embedded default model)."""
+    if args.checkpoint or not args.image:
+        return args.checkpoint
+    if not os.path.isdir(DEMO_VLM):
+        raise ValueError("--image: no checkpoint given and no embedded demo VLM: pass --checkpoint")
+    return DEMO_VLM
+
+
 def _load(args):
     import nld_jax
 
     try:
-        return nld_jax.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize)
+        return nld_jax.load(_checkpoint(args), dtype=args.dtype, quantize=args.quantize)
     except (ValueError, OSError, KeyboardInterrupt):
         raise
     except Exception as e:  # a reader's own exception (e.g. a tokenizer library's): name the checkpoint
@@ -275,13 +369,20 @@ def _main(args) -> int:
     from nld_jax import validation
 
     _check(args)
+    if args.image and not args.chat and len(args.prompts) + len(args.prompt_ids) > 1:
+        raise ValueError(f"--image: the images go with one prompt, and {len(args.prompts) + len(args.prompt_ids)} "
+                         "were given; run one prompt at a time (or use nld_jax.generate(images=...) for a batch)")
+    images = _read_images(args.image)
     model = _load(args)
+    if images and model.vision is None:
+        raise ValueError(f"--image: {args.checkpoint or 'the embedded default model'} is a text-only checkpoint "
+                         "(its config.json has no vision_config); pass a vision-language checkpoint")
     if args.lora and model.lora is None:
         raise ValueError("--lora: this checkpoint has no draft LoRA (linear_spec_lora/)")
     if args.chat:
         if args.mode == "all":
             raise ValueError("--chat needs one mode (ar, diffusion or spec)")
-        _chat(args, model)
+        _chat(args, model, images)
         return 0
     prompts: list[list[int]] = []
     labels: list[str] = []
@@ -301,10 +402,13 @@ def _main(args) -> int:
     validation.prompt_ids(prompts, vocab=model.config.vocab_size, row_names=names)
     # row b samples with seed + b: every row's seed must fit in 64 bits
     validation.integer(args.seed, "--seed", minimum=0, maximum=validation.MAX_SEED - (len(prompts) - 1))
+    row_images = [images] if images else None
+    if row_images:
+        prompts = _place_images(model, prompts, row_images)
     for mode in (MODES if args.mode == "all" else (args.mode,)):
         if args.mode == "all" and not args.json:
             print(f"--- {mode}", flush=True)
-        _run(argparse.Namespace(**{**vars(args), "mode": mode}), model, prompts, labels)
+        _run(argparse.Namespace(**{**vars(args), "mode": mode}), model, prompts, labels, images=row_images)
     if not args.json:
         print(LOAD_NOTE, file=sys.stderr)
     return 0

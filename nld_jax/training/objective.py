@@ -52,13 +52,16 @@ def mask_tokens(key: jax.Array, tokens: jax.Array, eps: float, loss_mask: jax.Ar
 
 
 def train_hidden(params, config: NLDConfig, noisy: jax.Array, clean: jax.Array, block_length, *, lora=None,
-                 lora_gate=None, remat: bool = False, runtime: Runtime = DEFAULT_RUNTIME):
+                 lora_gate=None, remat: bool = False, runtime: Runtime = DEFAULT_RUNTIME, embeddings=None):
     """Final hidden states ``[B, 2L, D]`` of the ``[noisy | clean]`` layout.
 
     The attention is :func:`nld_jax.attention.block_diff_attention` with ``runtime``'s
     implementation: XLA (the structured form when ``block_length`` is a static int dividing L,
     the dense mask when it is traced) or a block-sparse Pallas kernel. ``lora_gate [B, 2L]``
-    switches the adapter per token.
+    switches the adapter per token. ``embeddings [B, L, D]`` (optional) are the clean input's
+    embeddings (image features spliced in, :func:`nld_jax.vision.features.splice_features`): the
+    clean half takes them, the noisy half too except where a token was masked (there the mask
+    token's embedding), so unmasked image positions carry their features in both halves.
     """
     B, L = clean.shape
     tokens = jnp.concatenate([noisy, clean], axis=1)
@@ -70,7 +73,11 @@ def train_hidden(params, config: NLDConfig, noisy: jax.Array, clean: jax.Array, 
     def attend(q, k, v, _):
         return block_diff_attention(q, k, v, block_length, runtime=runtime)
 
-    x = runtime.constrain(embed(params, tokens), ("batch", "seq", "act_embed"))
+    x = embed(params, tokens)
+    if embeddings is not None:
+        kept = jnp.concatenate([noisy == clean, jnp.ones_like(clean, dtype=bool)], axis=1)
+        x = jnp.where(kept[..., None], jnp.concatenate([embeddings, embeddings], axis=1).astype(x.dtype), x)
+    x = runtime.constrain(x, ("batch", "seq", "act_embed"))
     x, _ = scan_layers(params, config, x, cos, sin, q_scale, attend, None, lora, lora_gate, remat, runtime)
     return rms_norm(x, params["norm"], config.rms_norm_eps)
 
@@ -81,16 +88,21 @@ def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def nld_loss(params, config: NLDConfig, tokens: jax.Array, masked: jax.Array, p_mask: jax.Array, block_length,
-             loss: LossConfig = LossConfig(), ar_mask: jax.Array | None = None, runtime: Runtime = DEFAULT_RUNTIME):
+             loss: LossConfig = LossConfig(), ar_mask: jax.Array | None = None, runtime: Runtime = DEFAULT_RUNTIME,
+             embeddings: jax.Array | None = None):
     """NVIDIA's joint objective on ``tokens [B, L]`` with the given masking.
 
     ``ar_mask [B, L]`` (optional, SFT) marks the tokens that count as AR targets (position i's
-    target is token i+1, so ``ar_mask[:, 1:]`` weighs the shifted CE).
+    target is token i+1, so ``ar_mask[:, 1:]`` weighs the shifted CE). ``embeddings [B, L, D]``
+    (optional, a vision-language prompt): the input embeddings of ``tokens`` (see
+    :func:`train_hidden`); the image positions must be outside ``masked`` (keep them out of the
+    loss mask, as SFT prompts are).
     Returns ``(loss_sum, loss_count, aux)``; ``aux`` holds the logits and the loss parts.
     """
     B, L = tokens.shape
     noisy = jnp.where(masked, config.mask_token_id, tokens)
-    hidden = train_hidden(params, config, noisy, tokens, block_length, remat=loss.remat, runtime=runtime)
+    hidden = train_hidden(params, config, noisy, tokens, block_length, remat=loss.remat, runtime=runtime,
+                          embeddings=embeddings)
     logits = lm_head(params, config, hidden[:, :L], runtime)
     causal_logits = lm_head(params, config, hidden[:, L:], runtime)
     ce_diff = _cross_entropy(logits, tokens)

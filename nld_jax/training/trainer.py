@@ -80,12 +80,15 @@ def _cast(tree, dtype: str):
 
 def make_train_step(config: NLDConfig, train: TrainConfig, optimizer: optax.GradientTransformation,
                     lora_scale: float | None = None, in_shardings=None, out_shardings=None, *, mesh=None,
-                    rules: ShardingRules = DEFAULT_RULES) -> Callable:
+                    rules: ShardingRules = DEFAULT_RULES, inputs: Callable | None = None) -> Callable:
     """``step(state, frozen, batch, block_length) -> (state, metrics)``, jitted, state donated.
 
     ``batch`` holds ``tokens [B, L]`` and, for SFT, ``loss_mask [B, L]``. ``frozen`` is the base
     model in ``lora`` mode and None otherwise. Shardings, when given, are passed to ``jax.jit``;
     ``mesh`` / ``rules`` make the model pin its activations to their shardings inside the step.
+    ``inputs(trainable, batch) -> (text params, embeddings [B, L, D])`` (pretrain / sft, optional)
+    makes the input embeddings from more than the tokens -- a vision-language model's image
+    features (:func:`nld_jax.training.vision.vlm_inputs`), trained jointly with the text model.
     """
     runtime = Runtime(train.implementation, mesh, rules)
 
@@ -97,8 +100,11 @@ def make_train_step(config: NLDConfig, train: TrainConfig, optimizer: optax.Grad
                                        train.loss.remat, loss_mask, runtime=runtime)
             return loss, metrics
         masked, p_mask = mask_tokens(key, tokens, train.loss.eps, loss_mask)
-        loss_sum, count, aux = nld_loss(_cast(trainable, train.compute_dtype), config, tokens, masked, p_mask,
-                                        block_length, train.loss, ar_mask=loss_mask, runtime=runtime)
+        model, embeddings = _cast(trainable, train.compute_dtype), None
+        if inputs is not None:
+            model, embeddings = inputs(model, batch)
+        loss_sum, count, aux = nld_loss(model, config, tokens, masked, p_mask, block_length, train.loss,
+                                        ar_mask=loss_mask, runtime=runtime, embeddings=embeddings)
         n_masked = jnp.maximum(aux["n_masked"], 1)
         B, L = tokens.shape
         n_ar = B * (L - 1) if loss_mask is None else jnp.maximum(jnp.sum(loss_mask[:, 1:]), 1)

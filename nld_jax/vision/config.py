@@ -56,7 +56,9 @@ class VisionConfig:
     num_attention_heads: int = 16
     head_dim: int = 64
     patch_size: int = 14
-    image_size: int = 1540  # the longest edge an image is resized to at most
+    image_size: int = 1540  # vision_config.image_size: the longest edge, unless max_image_size says otherwise
+    # preprocessor_config.json's size.longest_edge (nld_jax.load reads it), which wins over image_size
+    max_image_size: int | None = None
     rope_theta: float = 10000.0
     hidden_act: str = "silu"  # the gate's activation: "silu" or "gelu" (exact)
     spatial_merge_size: int = 2
@@ -85,6 +87,11 @@ class VisionConfig:
     @property
     def Lv(self) -> int:
         return self.num_hidden_layers
+
+    @property
+    def longest_edge(self) -> int:
+        """The longest edge an image is resized to at most."""
+        return self.image_size if self.max_image_size is None else self.max_image_size
 
     @property
     def merged_patch(self) -> int:

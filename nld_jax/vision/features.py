@@ -24,7 +24,7 @@ from nld_jax.vision.config import VisionConfig
 from nld_jax.vision.encoder import encode
 from nld_jax.vision.projector import project
 
-__all__ = ["PackedImages", "pack_images", "image_features", "vision_tokens", "splice_embeddings"]
+__all__ = ["PackedImages", "pack_images", "image_features", "vision_tokens", "splice_features", "splice_embeddings"]
 
 
 def _bucket(n: int) -> int:
@@ -103,7 +103,9 @@ def vision_tokens(params, config: VisionConfig, images: list[np.ndarray],
     return [out[end - count:end] for end, count in zip(ends, packed.tokens_per_image)]
 
 
-def _splice(params, tokens, features, feature_index, is_image):
+def splice_features(params, tokens, features, feature_index, is_image):
+    """Token embeddings of ``tokens [B, T]`` with the image positions (``is_image``) replaced by
+    ``features[feature_index]`` (pure, jittable; the splice of prompts and of VLM training)."""
     x = embed(params, tokens)
     picked = features[feature_index].astype(x.dtype)
     return jnp.where(is_image[..., None], picked, x)
@@ -129,5 +131,5 @@ def splice_embeddings(params, tokens: np.ndarray, image_token_id: int, features:
     index = np.where(is_image, np.cumsum(is_image, axis=1) - 1 + offsets[:, None], 0).astype(np.int32)
     table = np.pad(table, ((0, _bucket(table.shape[0]) - table.shape[0]), (0, 0)))  # fewer compiles
     args = ({"embed_tokens": params["embed_tokens"]}, tokens, table, index, is_image)
-    program, _ = PROGRAMS.get(_splice, args, static={})
+    program, _ = PROGRAMS.get(splice_features, args, static={})
     return np.asarray(program(*args), np.float32)

@@ -67,7 +67,7 @@ def load_image(image: Any):
 
 def resized_size(height: int, width: int, config: VisionConfig, max_image_size: int | None = None) -> tuple[int, int]:
     """``(h, w)`` an image of ``height x width`` is resized to (see the module docstring)."""
-    longest = config.image_size if max_image_size is None else max_image_size
+    longest = config.longest_edge if max_image_size is None else max_image_size
     ratio = max(height / longest, width / longest)
     if ratio > 1:
         height, width = int(math.floor(height / ratio)), int(math.floor(width / ratio))

@@ -21,7 +21,7 @@ from nld_jax.vision.config import VisionConfig
 from nld_jax.vision.features import splice_embeddings, vision_tokens
 from nld_jax.vision.preprocess import image_token_layout, preprocess_image, token_grid
 
-__all__ = ["images_per_row", "place_images", "multimodal_prompts"]
+__all__ = ["images_per_row", "place_images", "placed_prompts", "multimodal_prompts"]
 
 
 def images_per_row(images: Any, rows: int) -> list[list[Any]]:
@@ -67,6 +67,23 @@ def place_images(ids: Sequence[int], grids: Sequence[tuple[int, int]], config: V
                      "full layouts, or none (images then go first)")
 
 
+def placed_prompts(ids: list[list[int]], pixels: list[list[np.ndarray]], config: VisionConfig, bos: int | None,
+                   context: int) -> list[list[int]]:
+    """Each row's ids with the layouts of its preprocessed images placed (:func:`place_images`);
+    a row longer than ``context``, counting its image tokens, is refused."""
+    placed = []
+    for b, (row_ids, row_pixels) in enumerate(zip(ids, pixels)):
+        grids = [token_grid(p, config) for p in row_pixels]
+        out = place_images(row_ids, grids, config, bos, b)
+        if len(out) > context:
+            n = sum(h * w for h, w in grids)
+            raise ValueError(f"prompt {b} is {len(out)} tokens with its {len(grids)} image(s) ({n} image tokens plus "
+                             f"layout breaks), more than the model's context of {context} positions: use smaller or "
+                             "fewer images")
+        placed.append(out)
+    return placed
+
+
 def multimodal_prompts(vision_params, config: VisionConfig | None, text_params, ids: list[list[int]], images: Any,
                        bos: int | None, context: int, max_image_size: int | None = None, runtime=None
                        ) -> tuple[list[list[int]], np.ndarray]:
@@ -79,16 +96,7 @@ def multimodal_prompts(vision_params, config: VisionConfig | None, text_params, 
                          "vision_config); load a vision-language checkpoint")
     per_row = images_per_row(images, len(ids))
     pixels = [[preprocess_image(im, config, max_image_size) for im in row] for row in per_row]
-    placed = []
-    for b, (row_ids, row_pixels) in enumerate(zip(ids, pixels)):
-        grids = [token_grid(p, config) for p in row_pixels]
-        out = place_images(row_ids, grids, config, bos, b)
-        if len(out) > context:
-            n = sum(h * w for h, w in grids)
-            raise ValueError(f"prompt {b} is {len(out)} tokens with its {len(grids)} image(s) ({n} image tokens plus "
-                             f"layout breaks), more than the model's context of {context} positions: use smaller or "
-                             "fewer images")
-        placed.append(out)
+    placed = placed_prompts(ids, pixels, config, bos, context)
     flat = [p for row in pixels for p in row]
     kwargs = {} if runtime is None else {"runtime": runtime}
     tokens = vision_tokens(vision_params, config, flat, **kwargs)
