@@ -110,8 +110,12 @@ EOS_VARIANTS = [("ar", {}), ("diffusion", {"threshold": 0.9}), ("diffusion", {"t
                 ("spec", {"use_lora": True}), ("spec_quadratic", {})]
 
 
-@pytest.mark.parametrize("mode,kw", EOS_VARIANTS,
-                         ids=["ar", "diffusion-threshold", "diffusion-topk", "spec", "spec-lora", "spec_quadratic"])
+EOS_IDS = ["ar", "diffusion-threshold", "diffusion-topk", "spec", "spec-lora", "spec_quadratic"]
+SLOW_EOS_IDS = ("ar", "diffusion-topk", "spec")  # run in the slow step; the other three in the default suite
+
+
+@pytest.mark.parametrize("mode,kw", [pytest.param(*v, id=name, marks=[pytest.mark.slow] if name in SLOW_EOS_IDS else [])
+                                     for v, name in zip(EOS_VARIANTS, EOS_IDS)])
 def test_ragged_rows_stopping_at_different_times_equal_alone(tiny, cases, mode, kw):
     """A batch of ragged prompts whose rows stop at different steps (EOS, or the budget): each row
     equals the same prompt alone (tokens and NFE), its EOS is where the measured run put it, and
@@ -313,6 +317,7 @@ def test_sampling_is_seeded(tiny, cases, data2_model, mode):
 BF16_STEPS = 32  # greedy tokens compared between bfloat16 and float32
 
 
+@pytest.mark.slow
 def test_bfloat16_model_runs_and_tracks_float32(golden_dir, tiny, cases):
     """Logits within bounds set from measured values, and greedy tokens equal float32's over
     BF16_STEPS steps. Float32's tokens are NVIDIA's float32 reference outputs (the golden batch-1

@@ -253,6 +253,7 @@ def test_serving_engine_decodes_what_generate_does_on_quantized_weights(tiny_int
 
 
 @pytest.mark.filterwarnings("ignore::nld_jax.partitioning.ShardingFallbackWarning")
+@pytest.mark.slow
 def test_sharded_quantized_model_equals_one_device(golden_dir, tiny_int8, cases):
     prompts = _prompts(cases)[:2]
     n = min(len(p) for p in prompts)

@@ -325,6 +325,7 @@ def test_orbax_checkpoint_restored_into_shardings(tiny, golden_reference, tmp_pa
 # Memory plan
 # --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_plan_8b_fits_one_h100_at_batch_8_and_8k(capsys):
     """The real 8B config, abstract shapes only, 1 device: fits an H100 at batch 8 and 8192 context."""
     from nld_jax.cli import plan

@@ -59,7 +59,7 @@ def test_the_quad_block_is_the_reports_structure(C):
     assert bool(req.write[0])  # the verify part goes to the cache (rolled back to what is accepted)
 
 
-# Two of the six cases in the default suite, all six in the slow step (each compiles its own programs).
+# Two of the six cases in the default suite, the other four in the slow step (each compiles its own programs).
 @pytest.mark.parametrize("C, use_lora", [(4, False), (8, True), pytest.param(2, False, marks=pytest.mark.slow),
                                          pytest.param(8, False, marks=pytest.mark.slow),
                                          pytest.param(2, True, marks=pytest.mark.slow),
@@ -82,6 +82,7 @@ def test_greedy_quadratic_equals_greedy_ar(tiny, cases, C, use_lora):
         assert alone.tokens[0] == q.tokens[row] and alone.nfe[0] == q.nfe[row], row
 
 
+@pytest.mark.slow
 def test_quadratic_accepts_at_least_linear_spec_per_forward(tiny, cases):
     """Each QUAD forward both verifies and drafts, so for the same draft length it needs fewer
     forwards than linear spec (draft + verify): on the golden prompts at least 1.2x the TPF."""

@@ -204,7 +204,7 @@ def test_training_gradients_with_the_pallas_block_diff_kernel_equal_xla(tiny, ca
                                    err_msg=path)
 
 
-@pytest.mark.parametrize("block", [16, 32])
+@pytest.mark.parametrize("block", [16, pytest.param(32, marks=pytest.mark.slow)])
 def test_train_step_with_a_partial_last_block(tiny, cases, block):
     """A sequence the block size does not divide (24 tokens, blocks of 16 or 32) trains, with the
     same loss as the dense-mask step whose block rule (position // block) defines partial blocks."""
