@@ -23,6 +23,9 @@ forward gathers a few of its rows).
     python benchmarks/decode_bench.py                 # ~110M, batch 1 and 8
     python benchmarks/decode_bench.py --size 60m --batch 1
     python benchmarks/decode_bench.py --size 60m --quantize int8   # float32, bfloat16, int8
+    python benchmarks/decode_bench.py --size 60m --batch 1 --blocks 1 8 32 --new-tokens 64
+        # per mode and block length: generate's ms per forward beside the forward + greedy head
+        # timed alone (benchmarks/forward_profile.py splits that forward into its phases)
 """
 
 from __future__ import annotations
@@ -91,10 +94,10 @@ def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def run(model, mode, batch, prompt_len, new_tokens, repeats, threshold):
+def run(model, mode, batch, prompt_len, new_tokens, repeats, threshold, block_length=None):
     rng = np.random.default_rng(0)
     prompts = rng.integers(5, model.config.vocab_size, size=(batch, prompt_len)).tolist()
-    kw = dict(mode=mode, max_new_tokens=new_tokens, block_length=model.config.block_size,
+    kw = dict(mode=mode, max_new_tokens=new_tokens, block_length=block_length or model.config.block_size,
               threshold=threshold if mode == "diffusion" else None)
     start = time.perf_counter()
     first = nld_jax.generate(model, prompts, **kw)  # compile
@@ -140,7 +143,12 @@ def main(argv=None):
     p.add_argument("--quant-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of the quantized variant (default float32: XLA:CPU's bf16 dots are slow)")
     p.add_argument("--modes", nargs="+", choices=["ar", "diffusion", "spec"], default=["ar", "diffusion", "spec"])
+    p.add_argument("--blocks", type=int, nargs="+", default=None,
+                   help="instead of the table above: per mode and block length C (1: AR; >1: the block modes), "
+                        "generate's time per forward beside the forward + greedy head timed alone, and the floor")
     args = p.parse_args(argv)
+    if args.blocks:
+        return block_forwards(args)
 
     config = bench_config(args.size)
     modes = tuple(args.modes)
@@ -186,6 +194,73 @@ def main(argv=None):
                       f"{r['forward_ms'] / floors[label]:>9.2f}"
                       f"{r['forward_ms'] / max(floors[label], compute_ms):>10.2f}"
                       f"{(r['tok_s'] / ref if ref else float('nan')):>7.2f}{r['forwards']:>10}", flush=True)
+
+
+def timed_forward(model, batch: int, width: int, cache_size: int, valid: int, causal: bool, confidence: bool,
+                  repeats: int = 10) -> float:
+    """Best ms of one jitted forward (``forward_hidden``) + greedy head over ``width`` tokens, with
+    a ``cache_size``-slot cache holding ``valid`` entries: a decode step's forward, alone."""
+    from nld_jax.attention import BlockPattern
+    from nld_jax.kv_cache import KVCache
+    from nld_jax.model import forward_hidden, greedy_head
+
+    config, params = model.config, model.params
+    pattern = BlockPattern.causal(batch, width) if causal else BlockPattern.bidirectional(batch, width)
+
+    @jax.jit
+    def fwd(params, tokens, cache):
+        hidden, _, _ = forward_hidden(params, config, tokens, cache, pattern=pattern, uniform=None)
+        return greedy_head(params, config, hidden, with_confidence=confidence)
+
+    cache = KVCache.empty(config, batch, cache_size, jnp.float32).with_lengths(jnp.full((batch,), valid))
+    tokens = jnp.full((batch, width), 7, jnp.int32)
+    jax.block_until_ready(fwd(params, tokens, cache))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fwd(params, tokens, cache))
+        times.append(time.perf_counter() - t)
+    return 1e3 * min(times)
+
+
+def block_forwards(args):
+    """Per mode and block length: generate's ms per forward (its wall time / forwards run,
+    prefill included) beside one forward + greedy head timed alone, against the floor
+    max(weight bytes / read bandwidth, matmul FLOPs / matmul rate at B*C rows)."""
+    from nld_jax.decode.options import DecodeOptions, cache_size_for
+    from nld_jax.generate import bucket_length, budget_bucket
+
+    config = bench_config(args.size)
+    model = nld_jax.random_model(config, seed=0, dtype="float32")
+    bw = read_bandwidth(read_bytes(model.params))
+    bw_floor = 1e3 * read_bytes(model.params) / bw
+    matmul_params = config.num_params() - config.vocab_size * config.hidden_size
+    print(f"backend={jax.default_backend()} {args.size} ({config.num_params() / 1e6:.1f}M params) float32, prompt "
+          f"{args.prompt_len}, {args.new_tokens} new tokens; read bandwidth {bw / 1e9:.1f} GB/s -> bandwidth floor "
+          f"{bw_floor:.2f} ms per forward", flush=True)
+    print(f"{'mode':<10}{'C':>4}{'batch':>6}{'tok/s':>9}{'TPF':>6}{'gen fwd ms':>11}{'alone ms':>9}{'floor ms':>9}"
+          f"{'(bound)':>10}{'x floor gen':>12}{'x floor alone':>14}{'gen/alone':>10}", flush=True)
+    for batch in args.batch:
+        for C in args.blocks:
+            modes = [m for m in args.modes if (m == "ar") == (C == 1)]
+            rows = batch * C
+            compute_ms = 1e3 * 2.0 * rows * matmul_params / matmul_flops_per_second(config, rows, jnp.float32)
+            floor = max(bw_floor, compute_ms)
+            for mode in modes:
+                progress(f"{mode} C={C} batch {batch}: generate...")
+                r = run(model, mode, batch, args.prompt_len, args.new_tokens, args.repeats, args.threshold,
+                        block_length=max(C, 2) if mode != "ar" else None)
+                width = 1 if mode == "ar" else C
+                options = DecodeOptions(mode=mode, max_new_tokens=budget_bucket(args.new_tokens, max(C, 1)),
+                                        block_length=max(C, 2))
+                size = cache_size_for(bucket_length(args.prompt_len), options)
+                valid = args.prompt_len + args.new_tokens // 2
+                alone = timed_forward(model, batch, width, size, valid, causal=mode == "ar",
+                                      confidence=mode == "diffusion")
+                print(f"{mode:<10}{C:>4}{batch:>6}{r['tok_s']:>9.1f}{r['tpf']:>6.2f}{r['forward_ms']:>11.2f}"
+                      f"{alone:>9.2f}{floor:>9.2f}{'compute' if compute_ms > bw_floor else 'bandwidth':>10}"
+                      f"{r['forward_ms'] / floor:>12.2f}{alone / floor:>14.2f}{r['forward_ms'] / alone:>10.2f}",
+                      flush=True)
 
 
 if __name__ == "__main__":
