@@ -292,14 +292,7 @@ def train_logits(config: dict, weights: dict, noisy, clean, block: int, lora: di
         q = rope((h @ w["self_attn.q_proj.weight"].T).reshape(B, 2 * L, H, Dh)) * q_scale[None, :, None, None]
         k = rope((h @ w["self_attn.k_proj.weight"].T).reshape(B, 2 * L, K, Dh))
         v = (h @ w["self_attn.v_proj.weight"].T).reshape(B, 2 * L, K, Dh)
-        out = np.zeros_like(q)
-        for b in range(B):
-            for head in range(H):
-                kh = head // (H // K)
-                s = q[b, :, head] @ k[b, :, kh].T / np.sqrt(Dh)
-                s = np.where(visible, s, -np.inf)
-                p = np.exp(s - s.max(axis=-1, keepdims=True))
-                out[b, :, head] = (p / p.sum(axis=-1, keepdims=True)) @ v[b, :, kh]
+        out, _ = masked_attention(q, k, v, visible)
         out = out.reshape(B, 2 * L, H * Dh)
         o = out @ w["self_attn.o_proj.weight"].T
         if lora is not None:
