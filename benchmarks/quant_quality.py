@@ -1,6 +1,6 @@
 """What weight-only quantization costs in quality, measured on held-out text and printed as a table.
 
-For the embedded default model (bf16 weights, trained here) and a random ~60M NLD (weights
+For the embedded stdlib model (nld_jax/assets/stdlib-model; bf16 weights, trained here) and a random ~60M NLD (weights
 rounded to bf16 first, as NVIDIA ships them), against those bf16 weights:
 
 * top-1 agreement: the fraction of positions where the quantized model's causal argmax equals
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import nld_jax
-from nld_jax.loading import DEFAULT_CHECKPOINT
+from nld_jax.loading import STDLIB_CHECKPOINT
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode_bench import bench_config  # noqa: E402  (the benchmark's ~60M configuration)
@@ -47,7 +47,7 @@ def progress(message: str) -> None:
 
 
 def held_out_texts() -> list[bytes]:
-    with open(os.path.join(DEFAULT_CHECKPOINT, "held_out_files.json")) as f:
+    with open(os.path.join(STDLIB_CHECKPOINT, "held_out_files.json")) as f:
         names = json.load(f)["files"]
     root = sysconfig.get_paths()["stdlib"]
     texts = []
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     results = []
     for name in args.models:
         if name == "embedded":
-            ref = nld_jax.load()  # bf16 on disk, float32 compute (exact upcast)
+            ref = nld_jax.load(STDLIB_CHECKPOINT)  # bf16 on disk, float32 compute (exact upcast)
             n_files, length = args.files, min(args.length, ref.config.max_position_embeddings)
         else:
             ref = nld_jax.random_model(bench_config("60m"), seed=0)

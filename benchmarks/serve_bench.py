@@ -38,6 +38,7 @@ import tempfile
 import time
 
 import nld_jax
+from nld_jax.loading import STDLIB_CHECKPOINT
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -302,7 +303,8 @@ def profile(model, args, batches=(1, 4, 16), steps: int = 8, repeats: int = 3) -
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default=None, help="default: the embedded model")
+    p.add_argument("--checkpoint", default=STDLIB_CHECKPOINT,
+                   help="default: the embedded stdlib model (free-form code, the README's serving numbers)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--max-tokens", type=int, default=64)

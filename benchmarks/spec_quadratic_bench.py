@@ -44,7 +44,7 @@ import nld_jax
 from nld_jax.config import NLDConfig, preset
 from nld_jax.decode.options import context_needed
 from nld_jax.generate import bucket_length, budget_bucket
-from nld_jax.loading import DEFAULT_CHECKPOINT
+from nld_jax.loading import STDLIB_CHECKPOINT
 from nld_jax.programs import PROGRAMS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def held_out_prompts(model, n: int, prompt_len: int = 64, reserve: int = 128) ->
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
     import train_tiny  # the one implementation of the held-out prompts
 
-    with open(os.path.join(DEFAULT_CHECKPOINT, "held_out_files.json")) as f:
+    with open(os.path.join(STDLIB_CHECKPOINT, "held_out_files.json")) as f:
         names = json.load(f)["files"]
     root = sysconfig.get_paths()["stdlib"]
     prompts, _ = train_tiny.held_out_prompts(model.tokenizer, [os.path.join(root, name) for name in names],
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
     costs, measured_tpf = {}, {}
     for which in args.models:
         if which == "embedded":
-            model = nld_jax.load()
+            model = nld_jax.load(STDLIB_CHECKPOINT)
             prompts = held_out_prompts(model, args.prompts)
             new = args.new_tokens
             title = (f"(a) embedded model (9.5M, byte tokens, float32): {len(prompts)} held-out prompts of "

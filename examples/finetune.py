@@ -8,7 +8,8 @@
     python examples/finetune.py --checkpoint CKPT --data corpus.jsonl --mode pretrain --out CKPT-cpt --steps 500
 
 The result is a complete checkpoint directory in NVIDIA's format (loadable by nld_jax.load and by
-NVIDIA's PyTorch code). Training state is checkpointed under --out + ".work" and resumed.
+NVIDIA's PyTorch code). Training state is checkpointed under --out + ".work" (finetune_ckpt, log in
+finetune_log.jsonl) and resumed.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import jax.numpy as jnp
 import nld_jax
 from nld_jax.checkpoint.hf_write import save_hf_checkpoint, save_hf_lora
 from nld_jax.params import init_lora
-from nld_jax.training import (CheckpointIO, LossConfig, OptimConfig, TrainConfig, batches, init_state,
-                              make_optimizer, make_schedule, make_train_step, pack_documents, read_documents,
-                              sft_rows, train_loop)
+from nld_jax.training import (LossConfig, OptimConfig, TrainConfig, batches, make_optimizer, make_schedule,
+                              make_train_step, pack_documents, read_documents, run_training, sft_rows)
 
 
 def main(argv=None):
@@ -77,24 +77,18 @@ def main(argv=None):
     else:
         trainable, frozen = model.params, None
     step = make_train_step(config, train, optimizer, lora_scale=lora_scale)
-    state = init_state(trainable, optimizer, seed=args.seed)
-    ckpt = CheckpointIO(args.out + ".work")
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(state)
-        print(f"resuming at step {int(state.step)}", flush=True)
-    state = train_loop(step, state, frozen, batches(arrays, args.batch, args.seed, start_step=int(state.step)),
-                       args.steps, block_lengths, log_path=os.path.join(args.out + ".work", "log.jsonl"),
-                       checkpoint=ckpt, checkpoint_every=max(args.steps // 4, 1), schedule=make_schedule(opt_cfg),
-                       seed=args.seed)
-    ckpt.close()
+    trained, _ = run_training(step, trainable, optimizer,
+                              lambda start: batches(arrays, args.batch, args.seed, start_step=start), args.steps,
+                              block_lengths, args.out + ".work", name="finetune", frozen=frozen, seed=args.seed,
+                              schedule=make_schedule(opt_cfg), checkpoint_every=max(args.steps // 4, 1))
 
     source = args.checkpoint or nld_jax.loading.DEFAULT_CHECKPOINT
     if args.mode == "lora":
         save_hf_checkpoint(args.out, config, model.params, tokenizer_dir=source)
         save_hf_lora(os.path.join(args.out, "linear_spec_lora"), config,
-                     {**state.trainable, "scale": jnp.float32(lora_scale)})
+                     {**trained, "scale": jnp.float32(lora_scale)})
     else:
-        save_hf_checkpoint(args.out, config, state.trainable, lora=model.lora, tokenizer_dir=source)
+        save_hf_checkpoint(args.out, config, trained, lora=model.lora, tokenizer_dir=source)
     print(f"wrote {args.out}")
 
 

@@ -21,9 +21,11 @@ cells = [
          "    raise SystemExit('nld_jax is not installed: pip install -e <path to nld-jax>')\n"
          "import jax, nld_jax\n"
          "print('jax', jax.__version__, 'backend:', jax.default_backend(), jax.devices())"),
-    md("## Load a model\n\n`nld_jax.load()` with no path loads the small model embedded in the package (trained "
-       "with this project's own training code on Python standard-library source). A real NVIDIA checkpoint "
-       "loads the same way from its directory:\n\n"
+    md("## Load a model\n\n`nld_jax.load()` with no path loads the small model embedded in the package: a 2.7M "
+       "byte-level NLD trained with this project's own training code (`examples/train_tasks.py`) on a mix of "
+       "text tasks whose answer the prompt determines (copy, upper-case, sort, add, JSON, markdown tables, "
+       "templated letters) plus Python source. Those answers are where NLD's parallel decoding pays: the model is "
+       "sure of several tokens at once. A real NVIDIA checkpoint loads the same way from its directory:\n\n"
        "```python\n"
        "from huggingface_hub import snapshot_download          # pip install huggingface_hub\n"
        "path = snapshot_download('nvidia/Nemotron-Labs-Diffusion-8B')\n"
@@ -33,8 +35,10 @@ cells = [
          "cfg = model.config\n"
          "print(f'{cfg.num_params() / 1e6:.1f}M parameters, vocab {cfg.vocab_size}, {cfg.num_hidden_layers} layers, '\n"
          "      f'block size {cfg.block_size}, draft LoRA: {model.lora is not None}')"),
-    md("## Generate in the four modes"),
-    code("prompt = 'def read_config(path):\\n    \"\"\"Read a configuration file and return a dict.\"\"\"\\n'\n"
+    md("## Generate in the four modes\n\nA prompt from the task mix: `<task>: <input> =`, the answer follows "
+       "(the README lists the tasks). TPF is tokens per forward: tokens generated over forwards of the model "
+       "(AR: 1.00)."),
+    code("prompt = 'table: name=socket age=31; name=thread age=7; name=parser age=52 ='\n"
          "settings = {\n"
          "    'ar': dict(mode='ar'),\n"
          "    'diffusion (thr 0.9)': dict(mode='diffusion', threshold=0.9),\n"
@@ -57,7 +61,7 @@ cells = [
          "print('greedy spec_quadratic == greedy AR:', quad[:len(ar)] == ar[:len(quad)])"),
     md("## How block diffusion fills a block\n\n`decided_at` records, for every generated token, which forward "
        "fixed it. Within each block, the step at which each slot was revealed shows the decoding order: "
-       "confident slots (often whitespace and closing tokens) go first, several per step."),
+       "the table's fixed parts (bars, dashes, line breaks) and the copied values fall several per step."),
     code("import numpy as np\n"
          "import matplotlib.pyplot as plt\n"
          "r = results['diffusion (thr 0.9)']\n"

@@ -9,10 +9,10 @@ held-out AR perplexity, TPF and tokens/s per mode, and greedy spec == greedy AR.
 
     python examples/train_tiny.py --out /tmp/nld-stdlib                       # the shipped model
     python examples/train_tiny.py --out /tmp/smoke --minutes 1 --lora-minutes 0.5 --size smoke
-    python examples/train_tiny.py --evaluate nld_jax/assets/default-model    # re-measure the report
+    python examples/train_tiny.py --evaluate nld_jax/assets/stdlib-model    # re-measure the report
     python examples/train_tiny.py --base CKPT --out CKPT-lora --lora-minutes 14    # only a new draft LoRA
 
-The shipped default model (nld_jax/assets/default-model) was made with these defaults (bytes,
+The shipped stdlib model (nld_jax/assets/stdlib-model, the default until the task model replaced it) was made with these defaults (bytes,
 46 minutes of base training, 9.5M parameters, then 14 minutes of draft LoRA at lr 3e-3), in three
 sittings: the base run was interrupted at step ~880 and resumed from its step-774 training
 checkpoint with ``--steps 1937`` (the step count the first start had calibrated; the resumed
@@ -42,8 +42,8 @@ import nld_jax
 from nld_jax.checkpoint.hf_write import save_hf_checkpoint
 from nld_jax.config import NLDConfig, RopeConfig
 from nld_jax.params import init_lora, init_params
-from nld_jax.training import (CheckpointIO, LossConfig, OptimConfig, TrainConfig, batches, init_state,
-                              make_optimizer, make_schedule, make_train_step, pack_documents, train_bpe_tokenizer,
+from nld_jax.training import (LossConfig, OptimConfig, TrainConfig, batches, init_state, make_optimizer,
+                              make_schedule, make_train_step, pack_documents, run_training, train_bpe_tokenizer,
                               train_loop)
 
 SIZES = {
@@ -212,19 +212,13 @@ def train_base(args, config: NLDConfig, rows, block_lengths: tuple[int, ...], wo
                           warmup_steps=min(200, total // 10) if warmup is None else warmup)
     optimizer = make_optimizer(opt_cfg)
     step = make_train_step(config, train, optimizer)
-    ckpt = CheckpointIO(os.path.join(work, "base_ckpt"))
-    state = init_state(params, optimizer, seed=args.seed)
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(state)
-        print(f"resumed at step {int(state.step)}", flush=True)
     print(f"base training: {total} steps of {args.batch}x{args.seq_len} tokens", flush=True)
-    t0 = time.perf_counter()
-    state = train_loop(step, state, None, batches(data, args.batch, seed=args.seed, start_step=int(state.step)),
-                       total, block_lengths, log_path=os.path.join(work, "base_log.jsonl"), checkpoint=ckpt,
-                       checkpoint_every=max(total // 5, 50), schedule=make_schedule(opt_cfg), seed=args.seed)
-    seconds = time.perf_counter() - t0
-    ckpt.close()
-    return state.trainable, total, seconds
+    trainable, seconds = run_training(step, params, optimizer,
+                                      lambda start: batches(data, args.batch, seed=args.seed, start_step=start),
+                                      total, block_lengths, work, name="base", seed=args.seed,
+                                      schedule=make_schedule(opt_cfg), checkpoint_every=max(total // 5, 50),
+                                      stop_at_step=getattr(args, "stop_at", None))
+    return trainable, total, seconds
 
 
 def train_lora(args, config: NLDConfig, params, rows, work: str):
@@ -259,7 +253,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", help="output checkpoint directory")
     p.add_argument("--evaluate", metavar="CKPT", help="only evaluate an existing checkpoint (e.g. the shipped "
-                   "nld_jax/assets/default-model) on the held-out files and print the report")
+                   "nld_jax/assets/stdlib-model) on the held-out files and print the report")
     p.add_argument("--work", default=None, help="scratch directory (training checkpoints, logs)")
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--vocab", type=int, default=260, help="tokenizer size; 260 = bytes only")

@@ -26,7 +26,7 @@ streams, so no held-out picture is a training picture (captions of course recur)
     python examples/train_tiny_vlm.py --out /tmp/smoke --size smoke --minutes 0.3 --eval-examples 4
     python examples/train_tiny_vlm.py --evaluate nld_jax/assets/demo-vlm  # re-measure the report
 
-Interrupted runs resume from ``OUT.work/ckpt`` with the same step count (kept in ``OUT.work/run.json``).
+Interrupted runs resume from ``OUT.work/vlm_ckpt`` with the same step count (kept in ``OUT.work/run.json``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +48,9 @@ import nld_jax  # noqa: E402
 from nld_jax.checkpoint.hf_write import save_hf_checkpoint  # noqa: E402
 from nld_jax.config import NLDConfig, RopeConfig  # noqa: E402
 from nld_jax.params import init_params  # noqa: E402
-from nld_jax.training import (CheckpointIO, LossConfig, OptimConfig, TrainConfig, init_state,  # noqa: E402
-                              make_optimizer, make_schedule, make_train_step, make_vlm_inputs, train_bpe_tokenizer,
-                              train_loop, vlm_batch, vlm_rows)
+from nld_jax.training import (LossConfig, OptimConfig, TrainConfig, init_state, make_optimizer,  # noqa: E402
+                              make_schedule, make_train_step, make_vlm_inputs, run_training, train_bpe_tokenizer,
+                              vlm_batch, vlm_rows)
 from nld_jax.vision.config import VisionConfig  # noqa: E402
 from nld_jax.vision.params import init_vision_params  # noqa: E402
 from train_tiny import calibrated_steps  # noqa: E402
@@ -234,21 +233,14 @@ def train(args, config: NLDConfig, vision: VisionConfig, tok, work: str):
                           schedule="wsd")
     optimizer = make_optimizer(opt_cfg)
     step = make_train_step(config, train_cfg, optimizer, inputs=inputs)
-    ckpt = CheckpointIO(os.path.join(work, "ckpt"))
-    state = init_state(trainable, optimizer, seed=args.seed)
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(state)
-        print(f"resumed at step {int(state.step)}", flush=True)
     print(f"training: {total} steps of {args.batch} examples of {args.seq_len} tokens", flush=True)
-    t0 = time.perf_counter()
-    state = train_loop(step, state, None, batch_iterator(tok, vision, config.eos_token_id, args.batch, args.seq_len,
-                                                         start_step=int(state.step), first_example=args.first_example),
-                       total, block_lengths, log_path=os.path.join(work, "log.jsonl"), checkpoint=ckpt,
-                       checkpoint_every=max(total // 10, 20), schedule=make_schedule(opt_cfg), seed=args.seed,
-                       progress=args.progress)
-    seconds = time.perf_counter() - t0
-    ckpt.close()
-    return state.trainable, total, seconds
+    trainable, seconds = run_training(
+        step, trainable, optimizer,
+        lambda start: batch_iterator(tok, vision, config.eos_token_id, args.batch, args.seq_len, start_step=start,
+                                     first_example=args.first_example),
+        total, block_lengths, work, name="vlm", seed=args.seed, schedule=make_schedule(opt_cfg),
+        checkpoint_every=max(total // 10, 20), progress=args.progress)
+    return trainable, total, seconds
 
 
 def main(argv=None):

@@ -35,10 +35,13 @@ from nld_jax.tokenizer import Tokenizer, load_tokenizer
 from nld_jax.vision.config import VisionConfig, resolve_image_tokens
 from nld_jax.vision.params import vision_shardings, vision_specs
 
-__all__ = ["NLDModel", "load", "quantize", "random_model", "DEFAULT_CHECKPOINT", "resolve_dtype", "stored_dtype",
+__all__ = ["NLDModel", "load", "quantize", "random_model", "DEFAULT_CHECKPOINT", "STDLIB_CHECKPOINT", "resolve_dtype", "stored_dtype",
            "layout_of"]
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(__file__), "assets", "default-model")
+# The second embedded model: a 9.5M byte model of Python stdlib source (examples/train_tiny.py), which the
+# benchmarks measure free-form decoding on.
+STDLIB_CHECKPOINT = os.path.join(os.path.dirname(__file__), "assets", "stdlib-model")
 
 _DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 

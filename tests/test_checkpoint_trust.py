@@ -337,7 +337,8 @@ def test_config_not_a_json_object(ckpt, content):
 
 
 def test_real_configs_still_load():
-    for directory in (ROOT / "tests" / "data" / "nld-tiny", ROOT / "nld_jax" / "assets" / "default-model"):
+    for directory in (ROOT / "tests" / "data" / "nld-tiny", ROOT / "nld_jax" / "assets" / "default-model",
+                      ROOT / "nld_jax" / "assets" / "stdlib-model"):
         load_hf_config(directory)
 
 

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.block_attention import BlockPattern, api
+from pallas_kernels.block_attention import BlockPattern, api, chunked
+from pallas_kernels.block_attention.chunked import block_attention_xla_chunked
 from pallas_kernels.block_attention.kernel_mgpu import MosaicBlockSizes
 from pallas_kernels.block_attention.kernel_tpu import TpuBlockSizes
 from pallas_kernels.block_attention.kernel_triton import TritonBlockSizes
@@ -27,11 +28,15 @@ from pallas_kernels.block_attention.mask import BlockTileList, CacheBlockMask
 from pallas_kernels.testing import COMPILED, INTERPRETED, block_inputs
 import _oracles
 
-IMPLEMENTATIONS = ["xla", *INTERPRETED, *COMPILED]
+# "xla_chunked": the XLA implementation's long-buffer path (pallas_kernels/block_attention/chunked.py),
+# called directly with 16-slot windows so that these small caches span several windows and a
+# ragged last one (the dispatcher takes it only for buffers of chunked.MIN_SLOTS slots or more).
+IMPLEMENTATIONS = ["xla", "xla_chunked", *INTERPRETED, *COMPILED]
 
 # Small tiles force many tiles, ragged last tiles, several query tiles and several splits.
 SMALL_SIZES = {
     "xla": None,
+    "xla_chunked": 16,
     "pallas_interpret": TpuBlockSizes(block_q=16, block_kv=16, block_kv_new=8),
     "pallas_tpu": TpuBlockSizes(block_q=128, block_kv=128, block_kv_new=128),
     "pallas_triton_interpret": TritonBlockSizes(block_q=16, block_kv=16, block_kv_new=16, num_splits=3),
@@ -83,8 +88,11 @@ def _mixed_pattern(T: int) -> BlockPattern:
 def _check(impl, args, pattern, uniform, dtype, sizes=None, visible=None):
     """``impl`` against the float64 oracle under the block visibility ``visible [B, T, T]``
     (default: the pattern's, by the oracle's own predicate)."""
-    run = functools.partial(api.block_attention, uniform=uniform, implementation=impl, sizes=sizes,
-                            poison=impl != "xla")
+    if impl == "xla_chunked":
+        run = functools.partial(block_attention_xla_chunked, chunk=sizes or 16)
+    else:
+        run = functools.partial(api.block_attention, uniform=uniform, implementation=impl, sizes=sizes,
+                                poison=impl != "xla")
     out = jax.jit(run)(*args, pattern)
     assert out.shape == args[0].shape and out.dtype == args[0].dtype
     if visible is None:
@@ -102,14 +110,14 @@ def _inputs(impl, seed, *, B, T, G, S, Dh, lengths, dtype, uniform):
     if impl in ("pallas_tpu", "pallas_mosaic_gpu"):
         Dh = 128  # the compiled kernels' head-size granule
     K = 2 if G < 8 else 1
-    if impl not in INTERPRETED and impl != "xla":
+    if impl not in INTERPRETED and impl not in ("xla", "xla_chunked"):
         reason = api.unsupported_reason(impl, (B, T, K * G, Dh), K, dtype, uniform)
         if reason:
             pytest.skip(reason)
     # Stale slots are NaN for the kernels; the XLA implementation (like the Mosaic GPU kernel,
     # whose tensor-core P @ V reads V from SMEM) relies on finite stale slots, which KVCache
     # guarantees: it gets large finite garbage (wrongly used, it would still show).
-    garbage = jnp.nan if impl not in ("xla", "pallas_mosaic_gpu") else 1e4
+    garbage = jnp.nan if impl not in ("xla", "xla_chunked", "pallas_mosaic_gpu") else 1e4
     return block_inputs(seed, B=B, T=T, H=K * G, K=K, Dh=Dh, S=S, lengths=lengths, dtype=dtype, garbage=garbage)
 
 
@@ -126,6 +134,24 @@ def _run(impl, case, seed, sizes="small"):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_implementation_matches_oracle(impl, case):
     _run(impl, case, seed=CASES.index(case))
+
+
+def test_xla_takes_the_chunked_path_for_long_buffers_and_agrees(monkeypatch):
+    """A buffer of chunked.MIN_SLOTS slots or more runs chunked (only the windows up to the longest
+    valid prefix), shorter ones dense; on a long buffer with short valid prefixes both agree with
+    the float64 oracle."""
+    calls = []
+    real = chunked.block_attention_xla_chunked
+    monkeypatch.setattr(api, "block_attention_xla_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    S = chunked.MIN_SLOTS
+    args = _inputs("xla", 5, B=3, T=8, G=2, S=S, Dh=32, lengths=[0, 300, 41], dtype=jnp.float32,
+                   uniform="bidirectional")
+    _check("xla", args, BlockPattern.bidirectional(3, 8), "bidirectional", jnp.float32)
+    assert calls, "a long buffer did not take the chunked path"
+    calls.clear()
+    short = _inputs("xla", 5, B=1, T=8, G=2, S=S - 1, Dh=32, lengths=[7], dtype=jnp.float32, uniform="causal")
+    jax.jit(functools.partial(api.block_attention, implementation="xla"))(*short, BlockPattern.causal(1, 8))
+    assert not calls
 
 
 @pytest.mark.parametrize("impl", INTERPRETED)

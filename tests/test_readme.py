@@ -28,7 +28,7 @@ def _blocks(language: str) -> list[tuple[int, str]]:
     return out
 
 
-# The sharding block runs the embedded model (5 query heads, 1 KV head) on tensor=4, which the
+# The sharding block runs the embedded model (3 query heads, 1 KV head) on tensor=4, which the
 # README says warns and replicates the heads.
 @pytest.mark.filterwarnings("ignore::nld_jax.partitioning.ShardingFallbackWarning")
 def test_every_python_block_runs_in_order():
@@ -52,13 +52,15 @@ def test_every_python_block_runs_in_order():
 
 
 def test_first_fresh_machine_command_prints_what_the_readme_says(capsys):
-    """``nld-generate --mode all "import os"``: the three modes one after the other, each followed
+    """``nld-generate --mode all "<a task prompt>"``: the modes one after the other, each followed
     by its tokens, forwards, TPF, tokens/s and ms per forward."""
     from nld_jax.cli.generate import main
 
     command = next(code for _, code in _blocks("bash") if "nld-generate" in code)
     argv = shlex.split(command.split("nld-generate", 1)[1].strip())
-    assert argv == ["--mode", "all", "import os"]
+    assert argv[:2] == ["--mode", "all"] and len(argv) == 3
+    task = argv[2].split(":", 1)[0]
+    assert task in ("copy", "upper", "sort", "add", "json", "table", "letter") and argv[2].endswith(" ="), argv
     assert main(argv) == 0
     err = capsys.readouterr().err
     stats = [l for l in err.splitlines() if l.startswith("[")]
@@ -66,3 +68,4 @@ def test_first_fresh_machine_command_prints_what_the_readme_says(capsys):
     for l in stats:
         assert all(w in l for w in ("tokens,", "forwards", "TPF", "tokens/s", "ms per forward")), l
     assert "depend on this machine" in err
+    assert "TPF = tokens per forward" in err

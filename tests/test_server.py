@@ -347,7 +347,9 @@ def test_unknown_fields_are_ignored(server):
 
 def test_a_closed_stream_frees_its_slot(server, client):
     before = metric(server, "nld_requests_total", 'mode="diffusion",status="cancelled"')
-    stream = client.completions.create(model=MODEL, prompt="def fib(n):", max_tokens=64, stream=True,
+    # the answer (~80 bytes) is longer than max_tokens: the request cannot end on its own first
+    stream = client.completions.create(model=MODEL, prompt="letter: to=socket from=thread item=buffer day=friday =",
+                                       max_tokens=64, stream=True,
                                        extra_body={"mode": "diffusion", "threshold": None})  # 1 token a forward
     for i, _ in enumerate(stream):
         if i == 1:

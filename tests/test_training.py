@@ -17,7 +17,7 @@ from nld_jax.params import init_lora
 from nld_jax.params import flatten_tree
 from nld_jax.runtime import Runtime
 from nld_jax.training import (CheckpointIO, LossConfig, OptimConfig, TrainConfig, batches, draft_loss, init_state, make_optimizer, make_train_step, mask_tokens, nld_loss,
-                              pack_documents, sft_rows, train_loop)
+                              pack_documents, run_training, sft_rows, train_loop)
 from pallas_kernels.block_diff import block_diff_mask
 
 
@@ -97,6 +97,31 @@ def test_pretrain_steps_reduce_loss_and_resume_exactly(tiny, cases, tmp_path):
     for a, b in zip(jax.tree.leaves(full.trainable), jax.tree.leaves(resumed.trainable)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     ckpt.close()
+
+
+def test_run_training_in_two_sittings_equals_one(tiny, cases, tmp_path):
+    """run_training stopped at a step (stop_at_step) and run again in the same work directory
+    resumes from its checkpoint and ends where one straight run ends, bit for bit."""
+    rows = _tiny_data(tiny, cases)
+    opt_cfg = OptimConfig(lr=3e-3, total_steps=6, warmup_steps=1)
+    optimizer = make_optimizer(opt_cfg)
+    train = TrainConfig(mode="pretrain", block_lengths=(4, 8))
+    step = make_train_step(tiny.config, train, optimizer)
+    data = lambda start: batches({"tokens": rows}, 4, seed=0, start_step=start)  # noqa: E731
+    params = lambda: jax.tree.map(jnp.array, tiny.params)  # noqa: E731
+    straight, _ = run_training(step, params(), optimizer, data, 6, train.block_lengths, str(tmp_path / "one"),
+                               name="t", checkpoint_every=100, progress=False)
+    first, _ = run_training(step, params(), optimizer, data, 6, train.block_lengths, str(tmp_path / "two"),
+                            name="t", checkpoint_every=100, progress=False, stop_at_step=2)
+    second, _ = run_training(step, params(), optimizer, data, 6, train.block_lengths, str(tmp_path / "two"),
+                             name="t", checkpoint_every=100, progress=False)
+    log = [json.loads(l) for l in open(tmp_path / "two" / "t_log.jsonl")]
+    assert [r["step"] for r in log] == [6]  # logged every 10 steps and at the end
+    changed = any(not np.array_equal(np.asarray(a), np.asarray(b))
+                  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)))
+    assert changed, "the second sitting trained nothing"
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(second)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_lora_mode_trains_only_the_adapter(tiny, cases):

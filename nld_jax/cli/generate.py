@@ -2,9 +2,10 @@
 
 Examples::
 
-    nld-generate "def fibonacci(n):"                       # embedded default model, AR
-    nld-generate --mode all "import os"                    # the four modes one after the other
-    nld-generate --mode diffusion --block-length 8 "import os"
+    nld-generate "copy: root node methods =" "add: 12 + 30 ="   # embedded default model, AR
+    nld-generate --mode all "json: name=socket age=31 ="   # the four modes one after the other
+    nld-generate --mode diffusion --block-length 8 "upper: handler array context ="
+    nld-generate --checkpoint nld_jax/assets/stdlib-model "import os"   # the embedded Python-source model
     nld-generate --checkpoint /ckpt/NLD-8B --mode spec --lora --json "Explain RoPE."
     nld-generate --prompt-ids 1,6,224,43 --mode spec
     nld-generate --checkpoint /ckpt/NLD-8B --chat           # interactive chat (chat template)
@@ -30,11 +31,14 @@ import json
 import os
 import sys
 
-DEFAULT_PROMPT = "def fibonacci(n):"
+# A prompt of the embedded model's task mix (README, "The embedded default model")
+DEFAULT_PROMPT = "json: name=socket age=31 city=path ="
 DEFAULT_MAX_NEW = 128
 MODES = ("ar", "diffusion", "spec", "spec_quadratic")  # of nld_jax.decode.MODES (not imported here: --help stays fast)
 # The embedded demo vision-language model, used by --image when no --checkpoint is given.
 DEMO_VLM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo-vlm")
+TPF_NOTE = ("TPF = tokens per forward: tokens generated / forwards of the model. AR makes one token per forward "
+            "(1.00); diffusion and spec make several where the model is sure of several at once")
 LOAD_NOTE = ("note: tokens/s and ms per forward depend on this machine and its load (compare them only with runs "
              "on the same machine, quiet); TPF does not")
 
@@ -410,6 +414,7 @@ def _main(args) -> int:
             print(f"--- {mode}", flush=True)
         _run(argparse.Namespace(**{**vars(args), "mode": mode}), model, prompts, labels, images=row_images)
     if not args.json:
+        print(TPF_NOTE, file=sys.stderr)
         print(LOAD_NOTE, file=sys.stderr)
     return 0
 

@@ -163,11 +163,12 @@ def train_loop(step_fn: Callable, state: TrainState, frozen, batch_iter: Iterato
                block_lengths: tuple[int, ...], *, log_path: str | None = None, checkpoint: CheckpointIO | None = None,
                checkpoint_every: int = 500, log_every: int = 10, seed: int = 0,
                schedule: Callable | None = None, progress: bool = True,
-               stop_after_seconds: float | None = None) -> TrainState:
+               stop_after_seconds: float | None = None, stop_at_step: int | None = None) -> TrainState:
     """Run ``step_fn`` until ``total_steps``, logging JSON lines and checkpointing periodically.
 
     The block length of each step is drawn from ``block_lengths`` by a generator seeded with the step
-    number, so a resumed run draws the same sequence.
+    number, so a resumed run draws the same sequence. ``stop_at_step`` ends the run early (with a
+    checkpoint) at that step, the schedule still that of ``total_steps``: a run in sittings.
     """
     from tqdm import tqdm
 
@@ -195,7 +196,8 @@ def train_loop(step_fn: Callable, state: TrainState, frozen, batch_iter: Iterato
             bar.update(1)
             if checkpoint is not None and (done % checkpoint_every == 0 or done == total_steps):
                 checkpoint.save(state)
-            if stop_after_seconds is not None and time.perf_counter() - t0 > stop_after_seconds:
+            if (stop_after_seconds is not None and time.perf_counter() - t0 > stop_after_seconds) or \
+                    done == stop_at_step:
                 if checkpoint is not None:
                     checkpoint.save(state)
                 break
@@ -206,3 +208,30 @@ def train_loop(step_fn: Callable, state: TrainState, frozen, batch_iter: Iterato
         if checkpoint is not None:
             checkpoint.manager.wait_until_finished()
     return state
+
+
+def run_training(step_fn: Callable, trainable, optimizer: optax.GradientTransformation, batches_from: Callable,
+                 total_steps: int, block_lengths: tuple[int, ...], work_dir: str, *, name: str, frozen=None,
+                 seed: int = 0, schedule: Callable | None = None, checkpoint_every: int = 500,
+                 progress: bool = True, stop_at_step: int | None = None) -> tuple[Any, float]:
+    """A resumable run of :func:`train_loop`: ``(trainable after total_steps, seconds)``.
+
+    Training checkpoints go to ``work_dir/<name>_ckpt`` and the JSON-lines log to
+    ``work_dir/<name>_log.jsonl``; a run that finds a checkpoint there resumes from it, and
+    ``batches_from(step)`` gives the batches from that step on (so a resumed run sees the data
+    a straight run would). Give a resumed run the same ``total_steps``: its schedule depends on it.
+    """
+    ckpt = CheckpointIO(os.path.join(work_dir, f"{name}_ckpt"))
+    state = init_state(trainable, optimizer, seed=seed)
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(state)
+        print(f"resumed {name} training at step {int(state.step)}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        state = train_loop(step_fn, state, frozen, batches_from(int(state.step)), total_steps, block_lengths,
+                           log_path=os.path.join(work_dir, f"{name}_log.jsonl"), checkpoint=ckpt,
+                           checkpoint_every=checkpoint_every, schedule=schedule, seed=seed, progress=progress,
+                           stop_at_step=stop_at_step)
+    finally:
+        ckpt.close()
+    return state.trainable, time.perf_counter() - t0

@@ -1,6 +1,8 @@
 """Block attention, dispatched by ``implementation=``: the only dispatcher of this op.
 
-Implementations: ``xla`` (:mod:`.reference`, the oracle), ``pallas_tpu``, ``pallas_triton``,
+Implementations: ``xla`` (:mod:`.reference`, the oracle; for a cache buffer of
+:data:`.chunked.MIN_SLOTS` slots or more, :mod:`.chunked`: the same over only the windows that
+hold valid entries), ``pallas_tpu``, ``pallas_triton``,
 ``pallas_mosaic_gpu``, and the interpreted ``pallas_interpret`` (the TPU kernels) /
 ``pallas_triton_interpret``, which run on any backend, CPU included. ``auto`` is
 :func:`pallas_kernels.policy.auto_implementation` (XLA until a kernel is validated on the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from pallas_kernels import policy
 from pallas_kernels.block_attention.pattern import BlockPattern
+from pallas_kernels.block_attention.chunked import block_attention_xla_chunked, use_chunked
 from pallas_kernels.block_attention.reference import block_attention_xla
 
 __all__ = ["IMPLEMENTATIONS", "UNIFORM_PATTERNS", "block_attention", "resolve_implementation", "unsupported_reason"]
@@ -89,6 +92,8 @@ def block_attention(q, k, v, cache_k, cache_v, cache_lengths, pattern: BlockPatt
         sizes = None  # block sizes are per kernel: a substitute runs with its own defaults
     args = (q, k, v, cache_k, cache_v, cache_lengths)
     if impl == "xla":
+        if use_chunked(cache_k.shape[1]):  # a long buffer: score only the windows up to the longest valid prefix
+            return block_attention_xla_chunked(*args, pattern)
         return block_attention_xla(*args, pattern)
     if impl in ("pallas_tpu", "pallas_interpret"):
         from pallas_kernels.block_attention.kernel_tpu import block_attention_tpu
