@@ -62,6 +62,7 @@ import argparse
 import builtins
 import collections
 import dataclasses
+import functools
 import itertools
 import json
 import keyword
@@ -122,31 +123,29 @@ def read_words(model_dir: str) -> list[str] | None:
         return [w for w in f.read().split() if w]
 
 
-RANDOM_WORD_SHARE = [0.0]  # set by --random-word-share (the shipped model's first sitting used 0.2)
-
-
-def _word(rng, words):
-    """A word of the task vocabulary, or (a RANDOM_WORD_SHARE of them) 3-9 random lowercase letters."""
-    if RANDOM_WORD_SHARE[0] and rng.random() < RANDOM_WORD_SHARE[0]:
+def _word(rng, *, words, random_share: float = 0.0):
+    """A word of the task vocabulary, or (a ``random_share`` of them) 3-9 random lowercase letters."""
+    if random_share and rng.random() < random_share:
         return "".join(chr(97 + int(c)) for c in rng.integers(0, 26, int(rng.integers(3, 10))))
     return words[int(rng.integers(len(words)))]
 
 
-def _words(rng, words, lo: int, hi: int) -> str:
-    return " ".join(_word(rng, words) for _ in range(int(rng.integers(lo, hi + 1))))
+def _words(rng, word, lo: int, hi: int) -> str:
+    return " ".join(word(rng) for _ in range(int(rng.integers(lo, hi + 1))))
 
 
 def _numbers(rng, lo: int, hi: int) -> list[int]:
     return [int(v) for v in rng.integers(0, 100, int(rng.integers(lo, hi + 1)))]
 
 
-def make_example(task: str, rng, words) -> tuple[str, str]:
-    """``(prompt, answer)``: the prompt is ``<task>: <input> =``, the answer a space and the output."""
+def make_example(task: str, rng, word) -> tuple[str, str]:
+    """``(prompt, answer)``: the prompt is ``<task>: <input> =``, the answer a space and the output;
+    ``word(rng)`` draws an input word."""
     if task == "copy":
-        x = _words(rng, words, 3, 6)
+        x = _words(rng, word, 3, 6)
         return f"copy: {x} =", f" {x}"
     if task == "upper":
-        x = _words(rng, words, 3, 6)
+        x = _words(rng, word, 3, 6)
         return f"upper: {x} =", f" {x.upper()}"
     if task == "sort":
         xs = _numbers(rng, 3, 7)
@@ -156,16 +155,16 @@ def make_example(task: str, rng, words) -> tuple[str, str]:
         return f"add: {a} + {b} =", f" {a + b}"
     if task == "json":
         keys = list(rng.choice(KEYS_STR + KEYS_INT, size=int(rng.integers(2, 5)), replace=False))
-        pairs = [(k, int(rng.integers(0, 100)) if k in KEYS_INT else _word(rng, words)) for k in keys]
+        pairs = [(k, int(rng.integers(0, 100)) if k in KEYS_INT else word(rng)) for k in keys]
         return f"json: {' '.join(f'{k}={v}' for k, v in pairs)} =", " " + json.dumps(dict(pairs))
     if task == "table":
         k1, k2 = TABLE_KEYS[int(rng.integers(len(TABLE_KEYS)))]
-        rows = [(_word(rng, words), int(rng.integers(0, 100))) for _ in range(int(rng.integers(2, 4)))]
+        rows = [(word(rng), int(rng.integers(0, 100))) for _ in range(int(rng.integers(2, 4)))]
         prompt = f"table: {'; '.join(f'{k1}={a} {k2}={b}' for a, b in rows)} ="
         lines = [f"| {k1} | {k2} |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows]
         return prompt, " " + "\n".join(lines)
     if task == "letter":
-        to, sender, item = _word(rng, words), _word(rng, words), _word(rng, words)
+        to, sender, item = word(rng), word(rng), word(rng)
         day = DAYS[int(rng.integers(len(DAYS)))]
         return (f"letter: to={to} from={sender} item={item} day={day} =",
                 f" dear {to}, thank you for the {item}. see you on {day}. best wishes, {sender}")
@@ -176,23 +175,26 @@ def is_held_out(prompt: str) -> bool:
     return zlib.crc32(prompt.encode()) % HELD_OUT_EVERY == 0
 
 
-def examples(seed: int, words, held_out: bool):
-    """Endless ``(task, prompt, answer)``: the training side (``held_out=False``) or the held-out side."""
+def examples(seed: int, words, held_out: bool, random_share: float = 0.0):
+    """Endless ``(task, prompt, answer)``: the training side (``held_out=False``) or the held-out side;
+    ``random_share`` of the input words are random letters instead of ``words``."""
     rng = np.random.default_rng(seed)
+    word = functools.partial(_word, words=words, random_share=random_share)
     while True:
         task = TASKS[int(rng.integers(len(TASKS)))]
-        prompt, answer = make_example(task, rng, words)
+        prompt, answer = make_example(task, rng, word)
         if is_held_out(prompt) == held_out:
             yield task, prompt, answer
 
 
-def task_rows(tok, words, code: list[list[int]], n_rows: int, seq_len: int, seed: int, code_rows: float = 0.05):
+def task_rows(tok, words, code: list[list[int]], n_rows: int, seq_len: int, seed: int, code_rows: float = 0.05,
+              random_share: float = 0.0):
     """``{"tokens", "loss_mask"} [n_rows, seq_len]``: task examples packed whole into rows (each
     ``BOS prompt answer EOS`` padded with EOS to a multiple of PAD_TO; loss mask 0 on BOS + prompt),
     the rest of each row filled with a window of Python source (loss mask 1); a ``code_rows``
     share of rows is Python source only."""
     rng = np.random.default_rng(seed + 1)
-    it = examples(seed, words, held_out=False)
+    it = examples(seed, words, held_out=False, random_share=random_share)
     tokens = np.full((n_rows, seq_len), tok.eos_id, np.int32)
     mask = np.zeros((n_rows, seq_len), np.int32)
     pending = None
@@ -259,40 +261,27 @@ def evaluate(model_dir: str, words, per_task: int, thresholds=(0.9,), new_tokens
     report = {"eval_examples_per_task": per_task, "tasks": list(TASKS), "new_tokens": new_tokens,
               "held_out_rule": f"crc32(prompt) % {HELD_OUT_EVERY} == 0, examples drawn with seed 10000",
               "modes": {}}
-    outputs = {}
-    for name, kw in eval_settings(thresholds).items():
-        if kw.get("use_lora") and model.lora is None:
-            continue
-        nld_jax.generate(model, [tok.encode(items[0][1])], max_new_tokens=new_tokens, **kw)  # compile
+    settings = eval_settings(thresholds)
+    outputs, speed = train_tiny.measure_modes(model, [tok.encode(p) for _, p, _ in items], settings, new_tokens)
+    for name, results in outputs.items():
         counts = {t: collections.Counter() for t in TASKS}
-        rows = []
-        for task, prompt, answer in items:
-            out = nld_jax.generate(model, [tok.encode(prompt)], max_new_tokens=new_tokens, **kw)
-            ids = list(out.tokens[0])
-            rows.append(ids)
+        for (task, _, answer), r in zip(items, results):
             c = counts[task]
-            c["hits"] += _answer(tok, ids) == answer
-            c["tokens"] += len(ids)
-            c["nfe"] += out.nfe[0]
-            c["seconds"] += out.seconds
-        outputs[name] = rows
-        total = sum(counts.values(), collections.Counter())
-        entry = {**kw, "exact_match": total["hits"] / len(items), "tpf": total["tokens"] / total["nfe"],
-                 "tokens_per_second": total["tokens"] / total["seconds"], "tokens": total["tokens"],
-                 "nfe": total["nfe"],
+            c["hits"] += _answer(tok, r.tokens[0]) == answer
+            c["tokens"] += len(r.tokens[0])
+            c["nfe"] += r.nfe[0]
+        hits = sum(c["hits"] for c in counts.values())
+        entry = {**settings[name], **speed[name], "exact_match": hits / len(items),
                  "per_task": {t: {"exact_match": c["hits"] / per_task, "tpf": c["tokens"] / c["nfe"]}
                               for t, c in counts.items()}}
+        if f"{name}_equals_ar" in speed:
+            entry["equals_ar"] = speed[f"{name}_equals_ar"]
         report["modes"][name] = entry
-        print(f"  {name:<24} exact {entry['exact_match']:.3f}  TPF {entry['tpf']:5.2f}  "
-              f"{entry['tokens_per_second']:7.1f} tok/s | "
+        print(f"  {name:<24} exact {entry['exact_match']:.3f} | "
               + " ".join(f"{t} {v['exact_match']:.2f}/{v['tpf']:.1f}" for t, v in entry["per_task"].items()),
               flush=True)
-    for name in outputs:
-        if name.startswith("spec") and "ar" in outputs:
-            # equal up to the shorter (a run that hits max_new_tokens may stop at another point)
-            report["modes"][name]["equals_ar"] = all(s[:len(a)] == a[:len(s)] for s, a in zip(outputs[name], outputs["ar"]))
     report["samples"] = [{"task": t, "prompt": p, "answer": a,
-                          **{n: _answer(tok, outputs[n][i]) for n in ("ar", "spec_b32") if n in outputs}}
+                          **{n: _answer(tok, outputs[n][i].tokens[0]) for n in ("ar", "spec_b32") if n in outputs}}
                          for i, (t, p, a) in enumerate(items) if i % per_task == 0]
     return report
 
@@ -336,14 +325,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    files = train_tiny.stdlib_files()
-    train_files = [f for f in files if not train_tiny.is_held_out(f)]
-    texts = [t for t in map(train_tiny.read, train_files) if t]
-    words = word_list(texts, args.words)
+    def stdlib_texts() -> list[str]:
+        train_files = [f for f in train_tiny.stdlib_files() if not train_tiny.is_held_out(f)]
+        return [t for t in map(train_tiny.read, train_files) if t]
+
     thresholds = tuple(float(t) for t in args.thresholds.split(","))
-    RANDOM_WORD_SHARE[0] = args.random_word_share
-    if args.evaluate:
-        report = evaluate(args.evaluate, read_words(args.evaluate) or words, args.eval_per_task, thresholds)
+    if args.evaluate:  # the model's own words.txt; the stdlib is read only for a model without one
+        words = read_words(args.evaluate) or word_list(stdlib_texts(), args.words)
+        report = evaluate(args.evaluate, words, args.eval_per_task, thresholds)
         print(json.dumps(report, indent=1))
         if args.write_report:  # the evaluation replaces the report's, the training record stays
             path = os.path.join(args.evaluate, "train_report.json")
@@ -355,6 +344,8 @@ def main(argv=None):
         return
     if not args.out:
         p.error("--out is required (or --evaluate CKPT)")
+    texts = stdlib_texts()
+    words = word_list(texts, args.words)
     work = args.work or args.out + ".work"
     os.makedirs(work, exist_ok=True)
     block_lengths = tuple(int(b) for b in args.block_lengths.split(","))
@@ -365,7 +356,8 @@ def main(argv=None):
     else:
         tok_dir = os.path.join(work, "tokenizer")
         # byte-level BPE over task examples and stdlib source (--vocab 260: bytes only, no merges)
-        sample = [p + a for _, p, a in itertools.islice(examples(args.seed + 99, words, held_out=False), 30_000)]
+        sample = [p + a for _, p, a in itertools.islice(examples(args.seed + 99, words, held_out=False, random_share=args.random_word_share),
+                                                           30_000)]
         tok = train_bpe_tokenizer(sample + texts[:300] if args.vocab > 260 else texts[:1], args.vocab, tok_dir,
                                   model_max_length=4 * args.seq_len)
         config = dataclasses.replace(train_tiny.model_config("smoke", tok.vocab_size, args.seq_len,
@@ -378,7 +370,7 @@ def main(argv=None):
         args.steps = DEFAULT_STEPS
     base_steps = args.steps or int(args.minutes * 60 / 0.3)  # no faster than 0.3 s per step
     n_rows = args.batch * (base_steps + int(args.lora_minutes * 60 / 0.3) + 100)
-    data = task_rows(tok, words, code, n_rows, args.seq_len, args.seed)
+    data = task_rows(tok, words, code, n_rows, args.seq_len, args.seed, random_share=args.random_word_share)
     print(f"data: {n_rows} rows of {args.seq_len} ({time.perf_counter() - t:.0f} s), {len(words)} words; "
           f"model: {config.num_params() / 1e6:.1f}M parameters", flush=True)
     params, total, base_seconds = train_tiny.train_base(args, config, data, block_lengths, work, params=params)

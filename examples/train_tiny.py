@@ -161,29 +161,27 @@ def evaluate(model_dir: str, held_out: list[str], prompt_len: int, new_tokens: i
 def measure_modes(model, prompts: list[list[int]], settings: dict[str, dict], new_tokens: int):
     """Greedy generation of every prompt (batch 1, as the speed goals are stated) in every setting.
 
-    Returns ``(outputs, report)``: the generated token lists per setting, and per setting its TPF,
-    tokens/s, tokens and forwards, plus ``<spec setting>_equals_ar`` for every spec setting.
+    Returns ``(outputs, report)``: per setting, each prompt's ``GenerationResult``; and per setting
+    its TPF, tokens/s, tokens and forwards over all prompts, plus ``<spec setting>_equals_ar`` for
+    every spec setting (equal up to the shorter output: a run that hits ``new_tokens`` may stop at
+    another point).
     """
     outputs, report = {}, {}
     for name, kw in settings.items():
         if kw.get("use_lora") and model.lora is None:
             continue
         nld_jax.generate(model, prompts[:1], max_new_tokens=new_tokens, **kw)  # compile
-        tokens = nfe = 0
-        seconds = 0.0
-        rows = []
-        for p in prompts:
-            out = nld_jax.generate(model, [p], max_new_tokens=new_tokens, **kw)
-            tokens += len(out.tokens[0])
-            nfe += out.nfe[0]
-            seconds += out.seconds
-            rows.append(out.tokens[0])
-        outputs[name] = rows
+        results = [nld_jax.generate(model, [p], max_new_tokens=new_tokens, **kw) for p in prompts]
+        tokens = sum(len(r.tokens[0]) for r in results)
+        nfe = sum(r.nfe[0] for r in results)
+        seconds = sum(r.seconds for r in results)
+        outputs[name] = results
         report[name] = {"tpf": tokens / nfe, "tokens_per_second": tokens / seconds, "tokens": tokens, "nfe": nfe}
         print(f"  {name:<24} TPF {tokens / nfe:5.2f}   {tokens / seconds:7.1f} tokens/s", flush=True)
     for name, kw in settings.items():
         if name in outputs and kw["mode"].startswith("spec") and "ar" in outputs:
-            report[f"{name}_equals_ar"] = all(s[:len(a)] == a[:len(s)] for s, a in zip(outputs[name], outputs["ar"]))
+            report[f"{name}_equals_ar"] = all(s.tokens[0][:len(a.tokens[0])] == a.tokens[0][:len(s.tokens[0])]
+                                              for s, a in zip(outputs[name], outputs["ar"]))
     return outputs, report
 
 
